@@ -1,0 +1,245 @@
+//! `/v1/jobs`: submit a recipe against a model, watch it, cancel it, fetch its report and artifacts.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::AppState;
+use super::download;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path, Query, Tenant};
+use super::models::{Page, PageQuery, next_cursor};
+use crate::compress::Recipe;
+use crate::db::artifacts::{self, ArtifactRow};
+use crate::db::page::Cursor;
+use crate::pipeline::REPORT_ARTIFACT;
+use crate::queue::{self, AttemptError, CancelOutcome, JobError, JobRow, JobState, NewJob};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    model_id: Uuid,
+    recipe: Value,
+    #[serde(default)]
+    priority: i32,
+    max_attempts: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Progress {
+    stage: String,
+    percent: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Artifact {
+    name: String,
+    size_bytes: i64,
+    sha256: String,
+    url: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Job {
+    id: Uuid,
+    model_id: Uuid,
+    state: JobState,
+    recipe: Value,
+    priority: i32,
+    progress: Progress,
+    attempts: i32,
+    max_attempts: i32,
+    cancel_requested: bool,
+    error: Option<JobError>,
+    attempt_errors: Vec<AttemptError>,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    artifacts: Vec<Artifact>,
+}
+
+impl Job {
+    fn new(row: JobRow, artifacts: Vec<ArtifactRow>) -> Job {
+        Job {
+            artifacts: artifacts
+                .into_iter()
+                .map(|a| Artifact {
+                    url: format!("/v1/jobs/{}/artifacts/{}", row.id, a.name),
+                    name: a.name,
+                    size_bytes: a.size_bytes,
+                    sha256: a.sha256,
+                })
+                .collect(),
+            id: row.id,
+            model_id: row.model_id,
+            state: row.state,
+            recipe: row.recipe.0,
+            priority: row.priority,
+            progress: Progress {
+                stage: row.progress_stage,
+                percent: row.progress_percent,
+            },
+            attempts: row.attempt,
+            max_attempts: row.max_attempts,
+            cancel_requested: row.cancel_requested,
+            error: row.error.map(|e| e.0),
+            attempt_errors: row.attempt_errors.0,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        }
+    }
+}
+
+/// Rows → API jobs, fetching all their artifacts in one query.
+async fn with_artifacts(state: &AppState, tenant: Tenant, rows: Vec<JobRow>) -> ApiResult<Vec<Job>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let mut by_job: HashMap<Uuid, Vec<ArtifactRow>> = HashMap::new();
+    for a in artifacts::list_for_jobs(&state.pool, tenant.0, &ids).await? {
+        by_job.entry(a.job_id).or_default().push(a);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let arts = by_job.remove(&r.id).unwrap_or_default();
+            Job::new(r, arts)
+        })
+        .collect())
+}
+
+async fn one(state: &AppState, tenant: Tenant, row: JobRow) -> ApiResult<Job> {
+    Ok(with_artifacts(state, tenant, vec![row]).await?.remove(0))
+}
+
+pub async fn create(State(state): State<AppState>, tenant: Tenant, Json(body): Json<CreateJob>) -> ApiResult<Response> {
+    let recipe = Recipe::parse(&body.recipe).map_err(|e| ApiError::InvalidRecipe(e.0))?;
+    let max_attempts = body.max_attempts.unwrap_or(state.config.worker.max_attempts);
+    if !(1..=10).contains(&max_attempts) {
+        return Err(ApiError::InvalidRequest("max_attempts must be within 1..=10".into()));
+    }
+    // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
+    let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
+    let row = queue::enqueue(
+        &state.pool,
+        NewJob {
+            tenant_id: tenant.0,
+            model_id: body.model_id,
+            recipe: &recipe,
+            priority: body.priority,
+            max_attempts,
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("model {} not found", body.model_id)))?;
+    tracing::info!(job_id = %row.id, model_id = %row.model_id, "job queued");
+    let location = format!("/v1/jobs/{}", row.id);
+    let job = one(&state, tenant, row).await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(job)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+pub async fn list(State(state): State<AppState>, tenant: Tenant, Query(q): Query<ListQuery>) -> ApiResult<axum::Json<Page<Job>>> {
+    let (limit, cursor) = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .parse()?;
+    let filter = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::InvalidQuery(format!("state must be one of {}", known.join(", ")))
+        })?),
+    };
+    let rows = queue::list(&state.pool, tenant.0, filter, limit, cursor).await?;
+    let next_cursor = next_cursor(&rows, limit, |r| Cursor {
+        created_at: r.created_at,
+        id: r.id,
+    });
+    Ok(axum::Json(Page {
+        items: with_artifacts(&state, tenant, rows).await?,
+        next_cursor,
+    }))
+}
+
+async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<JobRow> {
+    queue::get(&state.pool, tenant.0, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
+    let row = find(&state, tenant, id).await?;
+    Ok(axum::Json(one(&state, tenant, row).await?))
+}
+
+pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
+    match queue::cancel(&state.pool, tenant.0, id).await? {
+        CancelOutcome::Cancelled(row) | CancelOutcome::Requested(row) => Ok(axum::Json(one(&state, tenant, row).await?)),
+        CancelOutcome::AlreadyFinished(row) => Err(ApiError::Conflict {
+            code: "job_finished",
+            message: format!("the job already finished ({})", row.state.as_str()),
+        }),
+        CancelOutcome::NotFound => Err(ApiError::not_found("job")),
+    }
+}
+
+pub async fn report(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response<Body>> {
+    let job = find(&state, tenant, id).await?;
+    if !job.state.is_terminal() {
+        return Err(ApiError::Conflict {
+            code: "job_not_finished",
+            message: format!("the job is {}; its report exists once it succeeds", job.state.as_str()),
+        });
+    }
+    serve_artifact(&state, tenant, id, REPORT_ARTIFACT, &headers).await
+}
+
+pub async fn artifact(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((id, name)): Path<(Uuid, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response<Body>> {
+    serve_artifact(&state, tenant, id, &name, &headers).await
+}
+
+async fn serve_artifact(state: &AppState, tenant: Tenant, job: Uuid, name: &str, headers: &HeaderMap) -> ApiResult<Response<Body>> {
+    let artifact = artifacts::get(&state.pool, tenant.0, job, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {job} has no artifact named {name:?}")))?;
+    let content_type = if artifact.content_type == "application/json" {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    download::serve(
+        state,
+        headers,
+        download::Object {
+            key: &artifact.storage_key,
+            size: artifact.size_bytes as u64,
+            sha256: &artifact.sha256,
+            content_type,
+        },
+    )
+    .await
+}

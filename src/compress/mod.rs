@@ -1,0 +1,124 @@
+//! Compression passes: each pass is a named value behind one trait, and a recipe is a list of them,
+//! parsed from the JSON a user sends. Passes read one ONNX file and write another.
+
+pub mod optimize;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::eval::Runtime;
+
+/// One step of a recipe, as the user writes it: `{"pass": "optimize", "level": "extended"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "pass", rename_all = "snake_case")]
+pub enum PassSpec {
+    Optimize(optimize::OptimizeParams),
+}
+
+/// A validated list of passes, applied in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Recipe(pub Vec<PassSpec>);
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0}")]
+pub struct RecipeError(pub String);
+
+/// Passes that are not registered yet answer with this list in their error message.
+pub const KNOWN_PASSES: &[&str] = &["optimize"];
+
+impl Recipe {
+    /// Parses and validates a recipe; the error names the step and the problem
+    /// (`recipe[1]: unknown pass "foo"`).
+    pub fn parse(value: &Value) -> Result<Recipe, RecipeError> {
+        let steps = value
+            .as_array()
+            .ok_or_else(|| RecipeError("recipe must be an array of passes".into()))?;
+        if steps.is_empty() {
+            return Err(RecipeError("recipe is empty; give at least one pass".into()));
+        }
+        let specs = steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| parse_step(step).map_err(|e| RecipeError(format!("recipe[{i}]: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Recipe(specs))
+    }
+}
+
+fn parse_step(step: &Value) -> Result<PassSpec, String> {
+    let obj = step
+        .as_object()
+        .ok_or_else(|| "each pass must be an object like {\"pass\": \"optimize\"}".to_string())?;
+    let name = match obj.get("pass") {
+        Some(Value::String(name)) => name,
+        Some(_) => return Err("\"pass\" must be a string".into()),
+        None => return Err("missing \"pass\" (the name of the pass)".into()),
+    };
+    if !KNOWN_PASSES.contains(&name.as_str()) {
+        return Err(format!("unknown pass {name:?} (known passes: {})", KNOWN_PASSES.join(", ")));
+    }
+    serde_json::from_value(step.clone()).map_err(|e| format!("pass {name:?}: {e}"))
+}
+
+impl PassSpec {
+    pub fn build(&self) -> Box<dyn Pass> {
+        match self {
+            PassSpec::Optimize(p) => Box::new(optimize::Optimize(p.clone())),
+        }
+    }
+}
+
+/// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling) and scratch space.
+pub struct PassContext<'a> {
+    pub runtime: &'a Runtime,
+    pub work_dir: &'a Path,
+}
+
+/// What a pass reports back for the report's `passes` section.
+#[derive(Debug, Default, Clone)]
+pub struct PassOutput {
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PassError(pub String);
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_valid_recipe_parses_with_defaults_filled_in() {
+        let r = Recipe::parse(&json!([{"pass": "optimize"}])).unwrap();
+        assert_eq!(r.0, vec![PassSpec::Optimize(optimize::OptimizeParams { level: optimize::Level::Extended })]);
+        assert_eq!(serde_json::to_value(&r).unwrap(), json!([{"pass": "optimize", "level": "extended"}]));
+    }
+
+    #[test]
+    fn bad_recipes_name_the_step_and_the_problem() {
+        let cases = [
+            (json!({}), "array"),
+            (json!([]), "empty"),
+            (json!([1]), "recipe[0]: each pass must be an object"),
+            (json!([{"level": "all"}]), "recipe[0]: missing \"pass\""),
+            (json!([{"pass": "optimize"}, {"pass": "shrink"}]), "recipe[1]: unknown pass \"shrink\""),
+            (json!([{"pass": "optimize", "level": "max"}]), "unknown variant `max`"),
+            (json!([{"pass": "optimize", "levle": "all"}]), "unknown field `levle`"),
+        ];
+        for (recipe, expected) in cases {
+            let err = Recipe::parse(&recipe).unwrap_err().0;
+            assert!(err.contains(expected), "{recipe}: {err:?} does not contain {expected:?}");
+        }
+    }
+}

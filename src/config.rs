@@ -1,0 +1,154 @@
+//! Settings: `config/default.toml` (compiled in), an optional file, then `MODELPRESS_*` variables.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub storage: StorageConfig,
+    pub limits: LimitsConfig,
+    pub onnxruntime: OrtConfig,
+    pub worker: WorkerConfig,
+    pub eval: EvalConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub max_json_bytes: usize,
+    pub shutdown_grace_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct StorageConfig {
+    pub backend: String,
+    pub root: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LimitsConfig {
+    pub max_model_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OrtConfig {
+    pub dylib_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WorkerConfig {
+    pub enabled: bool,
+    pub concurrency: usize,
+    pub lease_s: u64,
+    pub poll_interval_ms: u64,
+    pub rescue_interval_s: u64,
+    pub job_timeout_s: u64,
+    pub max_attempts: i32,
+    pub retry_base_s: u64,
+    pub runner: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EvalConfig {
+    pub threads: usize,
+    pub warmup_runs: usize,
+    pub timed_runs: usize,
+    pub seed: u64,
+    pub dynamic_dim: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Defaults, then `file` (if any), then `MODELPRESS_SECTION__KEY` variables, then `DATABASE_URL`.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("MODELPRESS_").split("__"));
+        let mut config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            config.database.url = url;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The compiled-in defaults alone, ignoring the environment: what tests start from.
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULTS))
+            .extract()
+            .expect("config/default.toml is valid")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.storage.backend != "local" {
+            return Err(ConfigError(format!(
+                "storage.backend {:?} is not supported (supported: \"local\")",
+                self.storage.backend
+            )));
+        }
+        if self.worker.concurrency == 0 || self.worker.lease_s < 3 {
+            return Err(ConfigError("worker.concurrency must be >= 1 and worker.lease_s >= 3".into()));
+        }
+        if !(1..=10).contains(&self.worker.max_attempts) {
+            return Err(ConfigError("worker.max_attempts must be within 1..=10".into()));
+        }
+        if self.eval.timed_runs == 0 || self.eval.threads == 0 || self.eval.dynamic_dim < 1 {
+            return Err(ConfigError("eval.timed_runs, eval.threads and eval.dynamic_dim must be >= 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn storage_root(&self) -> PathBuf {
+        if self.storage.root.is_empty() {
+            self.server.data_dir.join("objects")
+        } else {
+            PathBuf::from(&self.storage.root)
+        }
+    }
+
+    /// Upload staging and job scratch live beside the store so finished files move by rename.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.server.data_dir.join("staging")
+    }
+
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.server.data_dir.join("work")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_defaults_parse_and_validate() {
+        let config = Config::defaults();
+        config.validate().unwrap();
+        assert_eq!(config.server.listen.port(), 8080);
+        assert_eq!(config.storage_root(), PathBuf::from("./data/objects"));
+    }
+}

@@ -1,0 +1,27 @@
+//! SQL for models and artifacts (the job queue's SQL lives in `queue`). Every query is scoped by
+//! tenant: another tenant's row is indistinguishable from a missing one.
+
+pub mod artifacts;
+pub mod models;
+pub mod page;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+/// The built-in tenant that owns everything until API keys exist.
+pub const DEFAULT_TENANT: Uuid = Uuid::from_u128(1);
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(url)
+        .await
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

@@ -1,0 +1,135 @@
+//! One ONNX Runtime environment per process, loaded from the shared library named in the config.
+//!
+//! ORT is loaded dynamically (`ort`'s `load-dynamic`): the library comes from the `onnxruntime`
+//! Python wheel that `make` installs under `.venv`, so the binary builds without it and a process
+//! that cannot find it says so clearly instead of failing to link.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+/// The ORT release line `ort` 2.0.0-rc.15 (api-31) is built for.
+pub const ORT_SERIES: &str = "1.31";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "ONNX Runtime library not found: set onnxruntime.dylib_path or ORT_DYLIB_PATH, or run `make setup` to install it into .venv"
+    )]
+    LibraryNotFound,
+    #[error("loading ONNX Runtime from {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("ONNX Runtime cannot load the model: {0}")]
+    ModelLoad(String),
+    #[error("ONNX Runtime failed: {0}")]
+    Run(String),
+}
+
+/// A loaded ONNX Runtime: the environment sessions are created in, and where it came from.
+#[derive(Clone)]
+pub struct Runtime {
+    pub env: Environment,
+    pub library: PathBuf,
+    pub version: String,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+impl Runtime {
+    /// Loads ORT once per process; later calls return the same runtime (or the same failure).
+    pub fn init(configured: &str) -> Result<Runtime, RuntimeError> {
+        let result = RUNTIME.get_or_init(|| {
+            let path = locate(configured).ok_or_else(|| RuntimeError::LibraryNotFound.to_string())?;
+            let load = |message: String| RuntimeError::Load {
+                path: path.display().to_string(),
+                message,
+            };
+            let env = ort::init_from(&path)
+                .map_err(|e| load(e.to_string()).to_string())?
+                .with_name("modelpress")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| load(e.to_string()).to_string())?;
+            let version = version_of(&path);
+            tracing::info!(library = %path.display(), %version, "ONNX Runtime loaded");
+            Ok(Runtime {
+                env,
+                library: path,
+                version,
+            })
+        });
+        result.clone().map_err(|message| RuntimeError::Load {
+            path: configured.to_string(),
+            message,
+        })
+    }
+
+    /// A session for measurement: fixed intra-op threads, sequential execution, no graph
+    /// optimizations beyond ORT's defaults, CPU provider.
+    pub fn session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
+        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
+        Session::builder(&self.env)
+            .map_err(err)?
+            .with_intra_threads(threads)
+            .map_err(|e| err(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| err(e.into()))?
+            .commit_from_file(model)
+            .map_err(err)
+    }
+
+    /// Runs ORT's graph optimizer at `level` over `input` and writes the optimized graph to `output`.
+    pub fn optimize(&self, input: &Path, output: &Path, level: GraphOptimizationLevel) -> Result<(), RuntimeError> {
+        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
+        Session::builder(&self.env)
+            .map_err(err)?
+            .with_optimization_level(level)
+            .map_err(|e| err(e.into()))?
+            .with_optimized_model_path(output)
+            .map_err(|e| err(e.into()))?
+            .commit_from_file(input)
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+/// The library to load: the configured path, then `ORT_DYLIB_PATH`, then the wheel under `.venv`.
+pub fn locate(configured: &str) -> Option<PathBuf> {
+    if !configured.is_empty() {
+        return Some(PathBuf::from(configured));
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let lib = std::fs::read_dir(".venv/lib").ok()?;
+    for python in lib.flatten() {
+        let capi = python.path().join("site-packages/onnxruntime/capi");
+        if let Ok(entries) = std::fs::read_dir(&capi) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                if name.starts_with(&format!("libonnxruntime.so.{ORT_SERIES}")) {
+                    return Some(entry.path());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// ORT's version from its build info (`git-branch=rel-1.31.1`), else from the library's file name
+/// (`libonnxruntime.so.1.31.1`).
+fn version_of(path: &Path) -> String {
+    if let Some(v) = ort::info()
+        .split([',', ' '])
+        .find_map(|part| part.strip_prefix("git-branch=rel-"))
+    {
+        return v.to_string();
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    name.rsplit_once(".so.")
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| format!("{ORT_SERIES}.x"))
+}

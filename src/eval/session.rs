@@ -1,0 +1,83 @@
+//! Running a model once and reading its outputs back as numbers.
+
+use ort::session::Session;
+use ort::value::{DynValue, TensorElementType, ValueType};
+
+use super::RuntimeError;
+use super::inputs::InputTensor;
+
+/// One output of one run, widened to f64 so any numeric dtype can be compared.
+#[derive(Debug, Clone)]
+pub struct OutputTensor {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// `None` for outputs that are not numeric tensors (sequences, maps, strings).
+    pub values: Option<Vec<f64>>,
+}
+
+/// ORT values for `inputs`, built once and reused for every run.
+pub struct PreparedInputs {
+    values: Vec<(String, DynValue)>,
+}
+
+impl PreparedInputs {
+    pub fn new(inputs: &[InputTensor]) -> Result<Self, RuntimeError> {
+        let values = inputs
+            .iter()
+            .map(|t| Ok((t.name.clone(), t.to_value().map_err(|e| RuntimeError::Run(e.to_string()))?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(PreparedInputs { values })
+    }
+
+    pub fn run(&self, session: &mut Session) -> Result<(), RuntimeError> {
+        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn run_and_collect(&self, session: &mut Session) -> Result<Vec<OutputTensor>, RuntimeError> {
+        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
+        outputs
+            .iter()
+            .map(|(name, value)| {
+                let (shape, values) = widen(&value).map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
+                Ok(OutputTensor {
+                    name: name.to_string(),
+                    shape,
+                    values,
+                })
+            })
+            .collect()
+    }
+}
+
+fn widen(value: &DynValue) -> Result<(Vec<i64>, Option<Vec<f64>>), ort::Error> {
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        return Ok((Vec::new(), None));
+    };
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    macro_rules! widen_as {
+        ($t:ty, $conv:expr) => {{
+            let (_, data) = value.try_extract_tensor::<$t>()?;
+            Some(data.iter().map($conv).collect())
+        }};
+    }
+    let values = match ty {
+        TensorElementType::Float32 => widen_as!(f32, |v| f64::from(*v)),
+        TensorElementType::Float64 => widen_as!(f64, |v| *v),
+        TensorElementType::Float16 => widen_as!(half::f16, |v| v.to_f64()),
+        TensorElementType::Bfloat16 => widen_as!(half::bf16, |v| v.to_f64()),
+        TensorElementType::Int64 => widen_as!(i64, |v| *v as f64),
+        TensorElementType::Int32 => widen_as!(i32, |v| f64::from(*v)),
+        TensorElementType::Int16 => widen_as!(i16, |v| f64::from(*v)),
+        TensorElementType::Int8 => widen_as!(i8, |v| f64::from(*v)),
+        TensorElementType::Uint8 => widen_as!(u8, |v| f64::from(*v)),
+        TensorElementType::Uint16 => widen_as!(u16, |v| f64::from(*v)),
+        TensorElementType::Uint32 => widen_as!(u32, |v| f64::from(*v)),
+        TensorElementType::Uint64 => widen_as!(u64, |v| *v as f64),
+        TensorElementType::Bool => widen_as!(bool, |v| if *v { 1.0 } else { 0.0 }),
+        _ => None,
+    };
+    Ok((dims, values))
+}

@@ -1,0 +1,245 @@
+//! The `modelpress` binary: `serve` (API + workers), `worker` (workers only), `migrate`, and
+//! `compress` (the job pipeline offline, with no database; workers run it as their child process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use modelpress::compress::Recipe;
+use modelpress::config::Config;
+use modelpress::eval::Runtime;
+use modelpress::pipeline::{self, PipelineError, PipelineInput};
+use modelpress::service::{self, ServiceOptions};
+use modelpress::worker::events::Event;
+use modelpress::{db, telemetry};
+
+#[derive(Parser)]
+#[command(name = "modelpress", version, about = "ONNX model compression as a service")]
+struct Cli {
+    /// A TOML file layered over the built-in defaults (config/default.toml documents every key).
+    #[arg(long, global = true, env = "MODELPRESS_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API (and, unless disabled, job workers).
+    Serve {
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Serve the API only; run workers elsewhere with `modelpress worker`.
+        #[arg(long)]
+        no_worker: bool,
+    },
+    /// Run job workers only.
+    Worker {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run a recipe on a model file and write model.onnx and report.json to --out, offline.
+    Compress {
+        model: PathBuf,
+        /// The recipe as JSON, e.g. '[{"pass": "optimize", "level": "extended"}]', or @FILE.
+        #[arg(long)]
+        recipe: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Recorded in the report when a worker runs this for a job.
+        #[arg(long)]
+        job_id: Option<uuid::Uuid>,
+        /// Print progress and errors as JSON lines on stdout (the worker protocol).
+        #[arg(long)]
+        events: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    telemetry::init();
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("modelpress: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Compress {
+            model,
+            recipe,
+            out,
+            job_id,
+            events,
+        } => compress(&config, &model, &recipe, &out, job_id, events),
+        command => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(run_async(config, cli.config, command)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = ?e, "modelpress failed");
+                    eprintln!("modelpress: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run_async(mut config: Config, config_file: Option<PathBuf>, command: Command) -> anyhow::Result<()> {
+    let (listen, workers) = match command {
+        Command::Serve {
+            listen,
+            data_dir,
+            no_worker,
+        } => {
+            if let Some(l) = listen {
+                config.server.listen = l;
+            }
+            if let Some(d) = data_dir {
+                config.server.data_dir = d;
+            }
+            (true, config.worker.enabled && !no_worker)
+        }
+        Command::Worker { data_dir } => {
+            if let Some(d) = data_dir {
+                config.server.data_dir = d;
+            }
+            (false, true)
+        }
+        Command::Migrate => {
+            let pool = db::connect(&config.database.url, 2).await.context("connecting to PostgreSQL")?;
+            db::migrate(&pool).await.context("running migrations")?;
+            tracing::info!("migrations applied");
+            return Ok(());
+        }
+        Command::Compress { .. } => unreachable!("handled without a runtime"),
+    };
+    let pool = db::connect(&config.database.url, config.database.max_connections)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&config.database.url)))?;
+    if config.database.migrate_on_start {
+        db::migrate(&pool).await.context("running migrations")?;
+    }
+    let listener = if listen {
+        Some(
+            tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding {}", config.server.listen))?,
+        )
+    } else {
+        None
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    let options = ServiceOptions {
+        listener,
+        workers,
+        config_file,
+    };
+    service::run(Arc::new(config), pool, options, shutdown).await
+}
+
+/// SIGTERM or SIGINT: stop accepting, finish in-flight requests, stop claiming, let running jobs
+/// finish within the grace period.
+async fn signal_shutdown(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown signal received");
+    token.cancel();
+}
+
+/// A connection string without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn compress(config: &Config, model: &std::path::Path, recipe: &str, out: &std::path::Path, job_id: Option<uuid::Uuid>, events: bool) -> ExitCode {
+    let fail = |code: &str, message: String, retryable: bool| {
+        if events {
+            Event::Error {
+                code: code.into(),
+                message: message.clone(),
+                retryable,
+            }
+            .emit();
+        }
+        eprintln!("modelpress compress: {code}: {message}");
+        ExitCode::from(1)
+    };
+    let recipe_text = match recipe.strip_prefix('@') {
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => return fail("invalid_recipe", format!("reading {file}: {e}"), false),
+        },
+        None => recipe.to_string(),
+    };
+    let recipe = match serde_json::from_str(&recipe_text)
+        .map_err(|e| e.to_string())
+        .and_then(|v| Recipe::parse(&v).map_err(|e| e.0))
+    {
+        Ok(r) => r,
+        Err(e) => return fail("invalid_recipe", e, false),
+    };
+    let runtime = match Runtime::init(&config.onnxruntime.dylib_path) {
+        Ok(r) => r,
+        Err(e) => return fail("runtime_unavailable", e.to_string(), false),
+    };
+    let mut progress = |stage: &str, percent: f32| {
+        if events {
+            Event::Progress {
+                stage: stage.into(),
+                percent,
+            }
+            .emit();
+        } else {
+            tracing::info!(stage, percent, "progress");
+        }
+    };
+    let input = PipelineInput {
+        runtime: &runtime,
+        model,
+        recipe: &recipe,
+        out_dir: out,
+        eval: &config.eval,
+        job_id,
+    };
+    match pipeline::run(input, &mut progress) {
+        Ok(report) => {
+            if events {
+                Event::Done.emit();
+            } else {
+                let (o, r) = (&report.original, &report.result);
+                println!(
+                    "size {} -> {} bytes; p50 {:.3} -> {:.3} ms; max abs error {:.3e}, cosine {:.6}",
+                    o.size_bytes, r.size_bytes, o.latency.p50_ms, r.latency.p50_ms, r.fidelity.max_abs_error, r.fidelity.cosine_similarity
+                );
+                println!("wrote {} and {}", out.join(pipeline::MODEL_ARTIFACT).display(), out.join(pipeline::REPORT_ARTIFACT).display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ PipelineError::Io(_)) => fail(e.code(), e.to_string(), true),
+        Err(e) => fail(e.code(), e.to_string(), e.retryable()),
+    }
+}

@@ -1,0 +1,164 @@
+//! ONNX models: protobuf types generated from `proto/onnx.proto`, loading with validation, and the
+//! model summary. Nothing here knows about the database, HTTP or ONNX Runtime.
+
+pub mod builder;
+pub mod dtype;
+pub mod summary;
+
+use std::path::Path;
+
+use prost::Message;
+
+/// Generated ONNX protobuf types (`ModelProto`, `GraphProto`, ...).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+pub use proto::ModelProto;
+pub use summary::{Dim, ModelSummary, TensorSignature};
+
+/// Nesting deeper than this (If/Loop/Scan bodies inside bodies) is refused rather than recursed.
+pub const MAX_SUBGRAPH_DEPTH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error("not a valid ONNX protobuf: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("invalid ONNX model: {0}")]
+    Invalid(String),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = OnnxError> = std::result::Result<T, E>;
+
+/// Decodes and validates a model held in memory.
+pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
+    let model = ModelProto::decode(bytes)?;
+    validate(&model)?;
+    Ok(model)
+}
+
+/// Reads, decodes and validates a model file.
+pub fn load(path: &Path) -> Result<ModelProto> {
+    let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    decode(&bytes)
+}
+
+pub fn encode(model: &ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}
+
+/// Structural checks that catch files which decode as protobuf but are not models: random bytes and
+/// truncated files usually decode into a message without a graph or without an opset. Operator-level
+/// checks are left to ONNX Runtime, which the job runs before anything else.
+fn validate(model: &ModelProto) -> Result<()> {
+    let invalid = |msg: String| Err(OnnxError::Invalid(msg));
+    let ir_version = model.ir_version.unwrap_or(0);
+    if ir_version <= 0 {
+        return invalid(format!("ir_version is {ir_version}; a model must declare ir_version >= 1"));
+    }
+    let Some(graph) = model.graph.as_ref() else {
+        return invalid("the model has no graph".into());
+    };
+    if ir_version >= 3 && model.opset_import.is_empty() {
+        return invalid("the model imports no operator set (opset_import is empty)".into());
+    }
+    for opset in &model.opset_import {
+        if opset.version.unwrap_or(0) <= 0 {
+            return invalid(format!(
+                "opset_import for domain {:?} has version {}",
+                opset.domain(),
+                opset.version.unwrap_or(0)
+            ));
+        }
+    }
+    if graph.output.is_empty() {
+        return invalid("the graph declares no outputs".into());
+    }
+    validate_graph(graph, "graph", 0)
+}
+
+fn validate_graph(graph: &proto::GraphProto, at: &str, depth: usize) -> Result<()> {
+    if depth > MAX_SUBGRAPH_DEPTH {
+        return Err(OnnxError::Invalid(format!(
+            "{at}: subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH} levels"
+        )));
+    }
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type().is_empty() {
+            return Err(OnnxError::Invalid(format!(
+                "{at}: node {i} ({:?}) has no op_type",
+                node.name()
+            )));
+        }
+        for attr in &node.attribute {
+            let sub_at = format!("{at}/{}:{}", node.name(), attr.name());
+            if let Some(g) = attr.g.as_ref() {
+                validate_graph(g, &sub_at, depth + 1)?;
+            }
+            for g in &attr.graphs {
+                validate_graph(g, &sub_at, depth + 1)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Calls `f` on the graph and on every subgraph under it (bounded by [`MAX_SUBGRAPH_DEPTH`], which
+/// [`decode`] has enforced).
+pub fn for_each_graph<'a>(graph: &'a proto::GraphProto, f: &mut dyn FnMut(&'a proto::GraphProto)) {
+    f(graph);
+    for node in &graph.node {
+        for attr in &node.attribute {
+            if let Some(g) = attr.g.as_ref() {
+                for_each_graph(g, f);
+            }
+            for g in &attr.graphs {
+                for_each_graph(g, f);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_built_model_round_trips_through_the_codec() {
+        let model = builder::tiny_mlp(7);
+        let bytes = encode(&model);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, model);
+        assert_eq!(encode(&back), bytes);
+    }
+
+    #[test]
+    fn random_text_is_not_a_model() {
+        let err = decode(b"this is certainly not an onnx model, just some text").unwrap_err();
+        assert!(matches!(err, OnnxError::Decode(_) | OnnxError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn an_empty_file_is_not_a_model() {
+        let err = decode(b"").unwrap_err();
+        assert!(err.to_string().contains("ir_version"), "{err}");
+    }
+
+    #[test]
+    fn every_truncation_of_a_model_is_rejected() {
+        let bytes = encode(&builder::tiny_mlp(1));
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "a model cut at {len} of {} bytes was accepted", bytes.len());
+        }
+    }
+}

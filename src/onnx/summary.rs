@@ -1,0 +1,179 @@
+//! What a user needs to know about a model at a glance: its signature, opsets, size and op census.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::proto::{self, ModelProto, type_proto};
+use super::{dtype, for_each_graph};
+
+/// The default ONNX domain, written out in summaries (the protobuf leaves it empty).
+pub const DEFAULT_DOMAIN: &str = "ai.onnx";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub ir_version: i64,
+    pub producer_name: String,
+    pub producer_version: String,
+    pub opsets: Vec<Opset>,
+    pub inputs: Vec<TensorSignature>,
+    pub outputs: Vec<TensorSignature>,
+    /// Elements in all initializers (dense and sparse), subgraphs included.
+    pub parameters: u64,
+    /// Nodes per operator; operators outside the default domain are keyed `domain::OpType`.
+    pub op_counts: BTreeMap<String, u64>,
+    pub nodes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opset {
+    pub domain: String,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSignature {
+    pub name: String,
+    pub dtype: String,
+    /// `None` when the rank itself is unknown.
+    pub shape: Option<Vec<Dim>>,
+}
+
+/// One dimension: a size, a symbol (`"batch"`), or unknown (`null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(i64),
+    Symbolic(String),
+    Unknown,
+}
+
+impl ModelSummary {
+    pub fn of(model: &ModelProto) -> Self {
+        let graph = model.graph.clone().unwrap_or_default();
+        let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
+        // Before IR 4, initializers were also listed as graph inputs; they are not inputs to feed.
+        let inputs = graph
+            .input
+            .iter()
+            .filter(|vi| !initializers.contains(vi.name()))
+            .map(signature)
+            .collect();
+        let outputs = graph.output.iter().map(signature).collect();
+
+        let mut parameters = 0u64;
+        let mut nodes = 0u64;
+        let mut op_counts = BTreeMap::new();
+        for_each_graph(&graph, &mut |g| {
+            parameters += g.initializer.iter().map(element_count).sum::<u64>();
+            parameters += g
+                .sparse_initializer
+                .iter()
+                .filter_map(|s| s.values.as_ref())
+                .map(element_count)
+                .sum::<u64>();
+            for node in &g.node {
+                nodes += 1;
+                *op_counts.entry(op_key(node)).or_insert(0) += 1;
+            }
+        });
+
+        ModelSummary {
+            ir_version: model.ir_version(),
+            producer_name: model.producer_name().to_string(),
+            producer_version: model.producer_version().to_string(),
+            opsets: model
+                .opset_import
+                .iter()
+                .map(|o| Opset {
+                    domain: domain_name(o.domain()).to_string(),
+                    version: o.version(),
+                })
+                .collect(),
+            inputs,
+            outputs,
+            parameters,
+            op_counts,
+            nodes,
+        }
+    }
+}
+
+fn domain_name(domain: &str) -> &str {
+    if domain.is_empty() { DEFAULT_DOMAIN } else { domain }
+}
+
+fn op_key(node: &proto::NodeProto) -> String {
+    match node.domain() {
+        "" | DEFAULT_DOMAIN => node.op_type().to_string(),
+        d => format!("{d}::{}", node.op_type()),
+    }
+}
+
+/// Elements a tensor declares; negative dims (invalid) count as zero rather than wrapping.
+pub fn element_count(t: &proto::TensorProto) -> u64 {
+    t.dims.iter().map(|&d| d.max(0) as u64).fold(1u64, |a, d| a.saturating_mul(d))
+}
+
+fn signature(vi: &proto::ValueInfoProto) -> TensorSignature {
+    let (dtype, shape) = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(type_proto::Value::TensorType(t)) => (dtype::name(t.elem_type()), t.shape.as_ref().map(dims)),
+        Some(type_proto::Value::SparseTensorType(t)) => (
+            format!("sparse_{}", dtype::name(t.elem_type())),
+            t.shape.as_ref().map(dims),
+        ),
+        Some(type_proto::Value::SequenceType(_)) => ("sequence".into(), None),
+        Some(type_proto::Value::MapType(_)) => ("map".into(), None),
+        Some(type_proto::Value::OptionalType(_)) => ("optional".into(), None),
+        Some(type_proto::Value::OpaqueType(_)) => ("opaque".into(), None),
+        None => ("undefined".into(), None),
+    };
+    TensorSignature {
+        name: vi.name().to_string(),
+        dtype,
+        shape,
+    }
+}
+
+fn dims(shape: &proto::TensorShapeProto) -> Vec<Dim> {
+    use proto::tensor_shape_proto::dimension::Value;
+    shape
+        .dim
+        .iter()
+        .map(|d| match &d.value {
+            Some(Value::DimValue(v)) => Dim::Fixed(*v),
+            Some(Value::DimParam(p)) if !p.is_empty() => Dim::Symbolic(p.clone()),
+            _ => Dim::Unknown,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::builder;
+
+    #[test]
+    fn the_summary_of_the_tiny_mlp_names_its_signature_and_counts() {
+        let summary = ModelSummary::of(&builder::tiny_mlp(3));
+        assert_eq!(summary.inputs.len(), 1);
+        assert_eq!(summary.inputs[0].name, "input");
+        assert_eq!(summary.inputs[0].dtype, "float32");
+        assert_eq!(
+            summary.inputs[0].shape,
+            Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(builder::MLP_IN as i64)])
+        );
+        let p = builder::MLP_IN * builder::MLP_HIDDEN + builder::MLP_HIDDEN + builder::MLP_HIDDEN * builder::MLP_OUT + builder::MLP_OUT;
+        assert_eq!(summary.parameters, p as u64);
+        assert_eq!(summary.op_counts.get("MatMul"), Some(&2));
+        assert_eq!(summary.op_counts.get("Relu"), Some(&1));
+        assert_eq!(summary.opsets, vec![Opset { domain: "ai.onnx".into(), version: 17 }]);
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["inputs"][0]["shape"], serde_json::json!(["batch", builder::MLP_IN]));
+    }
+
+    #[test]
+    fn unknown_dims_serialize_as_null() {
+        assert_eq!(serde_json::to_value(Dim::Unknown).unwrap(), serde_json::Value::Null);
+    }
+}

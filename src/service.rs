@@ -1,0 +1,67 @@
+//! Wiring for `modelpress serve` and `modelpress worker`: storage, ONNX Runtime, the HTTP server and
+//! the workers, all stopped by one cancellation token (SIGTERM/SIGINT in the binary, the test
+//! harness in tests).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::eval::Runtime;
+use crate::storage::{LocalStorage, Storage};
+use crate::worker::{self, WorkerContext};
+
+pub struct ServiceOptions {
+    /// Serve HTTP on this listener; `None` runs workers only.
+    pub listener: Option<TcpListener>,
+    pub workers: bool,
+    /// Config file to hand to job processes.
+    pub config_file: Option<PathBuf>,
+}
+
+pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    let root = config.storage_root();
+    let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
+    Ok(Arc::new(local))
+}
+
+pub async fn run(config: Arc<Config>, pool: PgPool, options: ServiceOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let storage = storage(&config)?;
+    let dylib = config.onnxruntime.dylib_path.clone();
+    let runtime = tokio::task::spawn_blocking(move || Runtime::init(&dylib).map_err(|e| e.to_string())).await?;
+    if let Err(e) = &runtime {
+        tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if options.workers {
+        let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone(), options.config_file.clone())?;
+        tasks.spawn(worker::run(ctx, shutdown.clone()));
+    }
+    if let Some(listener) = options.listener {
+        let state = AppState {
+            pool,
+            storage,
+            config: config.clone(),
+            runtime: Arc::new(runtime),
+        };
+        let app = api::app(state);
+        tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! One attempt of one job: fetch the model, run `modelpress compress --events` as a child process,
+//! keep the lease, watch for cancel, timeout and shutdown, then store the artifacts and record the
+//! outcome. The child isolates the worker from anything the model does to ONNX Runtime.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::WorkerContext;
+use super::events::Event;
+use crate::db;
+use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT};
+use crate::queue::{self, JobError, JobRow, Lease, NewArtifact};
+use crate::storage;
+
+enum Outcome {
+    Succeeded(Vec<NewArtifact>),
+    Failed { error: JobError, retryable: bool },
+    Cancelled,
+    /// Shutting down: the job goes back to the queue untouched.
+    Released,
+    /// Another attempt owns the job now; write nothing.
+    LeaseLost,
+}
+
+fn failed(code: &str, message: impl Into<String>, retryable: bool) -> Outcome {
+    Outcome::Failed {
+        error: JobError {
+            code: code.into(),
+            message: message.into(),
+        },
+        retryable,
+    }
+}
+
+pub async fn run(ctx: &WorkerContext, job: JobRow, shutdown: &CancellationToken) {
+    tracing::info!(model_id = %job.model_id, "job attempt started");
+    let scratch = ctx.config.scratch_dir().join(format!("{}-{}", job.id, job.attempt));
+    let outcome = match tokio::fs::create_dir_all(&scratch).await {
+        Ok(()) => execute(ctx, &job, &scratch, shutdown).await,
+        Err(e) => failed("io_error", format!("creating scratch space: {e}"), true),
+    };
+    let recorded = record(ctx, &job, outcome).await;
+    if let Err(e) = recorded {
+        // The lease will expire and the rescuer will hand the job to another attempt.
+        tracing::error!(error = %e, "recording the job outcome failed");
+    }
+    if let Err(e) = tokio::fs::remove_dir_all(&scratch).await {
+        tracing::warn!(error = %e, path = %scratch.display(), "removing scratch space failed");
+    }
+}
+
+async fn record(ctx: &WorkerContext, job: &JobRow, outcome: Outcome) -> Result<(), sqlx::Error> {
+    let pool = &ctx.pool;
+    match outcome {
+        Outcome::Succeeded(artifacts) => {
+            if queue::complete(pool, job, &artifacts).await? {
+                tracing::info!("job succeeded");
+            } else {
+                tracing::warn!("lease lost before completion; discarding this attempt's artifacts");
+                discard_uploads(ctx, job).await;
+            }
+        }
+        Outcome::Failed { error, retryable } => {
+            discard_uploads(ctx, job).await;
+            let state = queue::fail(pool, job, &error, retryable, ctx.config.worker.retry_base_s).await?;
+            tracing::warn!(code = %error.code, message = %error.message, ?state, "job attempt failed");
+        }
+        Outcome::Cancelled => {
+            discard_uploads(ctx, job).await;
+            queue::mark_cancelled(pool, job).await?;
+            tracing::info!("job cancelled");
+        }
+        Outcome::Released => {
+            discard_uploads(ctx, job).await;
+            queue::release(pool, job).await?;
+            tracing::info!("job released back to the queue for shutdown");
+        }
+        Outcome::LeaseLost => {
+            discard_uploads(ctx, job).await;
+            tracing::warn!("lease lost; another attempt owns the job");
+        }
+    }
+    Ok(())
+}
+
+async fn discard_uploads(ctx: &WorkerContext, job: &JobRow) {
+    let prefix = format!("{}/{}", storage::job_prefix(job.tenant_id, job.id), job.attempt);
+    if let Err(e) = ctx.storage.delete_prefix(&prefix).await {
+        tracing::warn!(error = %e, "removing this attempt's uploads failed");
+    }
+}
+
+async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &CancellationToken) -> Outcome {
+    let model = match db::models::get(&ctx.pool, job.tenant_id, job.model_id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return failed("model_missing", "the job's model was deleted", false),
+        Err(e) => return failed("database_error", e.to_string(), true),
+    };
+    let input = scratch.join("input.onnx");
+    if let Err(e) = ctx.storage.get_file(&model.storage_key, &input).await {
+        return failed("storage_error", format!("fetching the model: {e}"), true);
+    }
+    let out_dir = scratch.join("out");
+    let mut child = match spawn(ctx, job, &input, &out_dir) {
+        Ok(c) => c,
+        Err(e) => return failed("runtime_crashed", format!("starting the job process {}: {e}", ctx.runner.display()), true),
+    };
+
+    let progress: Arc<Mutex<Option<(String, f32)>>> = Arc::default();
+    let error: Arc<Mutex<Option<Event>>> = Arc::default();
+    let stderr_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let readers = (
+        tokio::spawn(read_events(stdout, progress.clone(), error.clone())),
+        tokio::spawn(read_stderr(stderr, stderr_tail.clone())),
+    );
+
+    let status = match supervise(ctx, job, &mut child, &progress, shutdown).await {
+        Ok(status) => status,
+        Err(outcome) => {
+            let _ = child.kill().await;
+            return outcome;
+        }
+    };
+    let _ = readers.0.await;
+    let _ = readers.1.await;
+
+    if status.success() {
+        return store_artifacts(ctx, job, &out_dir).await;
+    }
+    if let Some(Event::Error { code, message, retryable }) = error.lock().unwrap().take() {
+        return failed(&code, message, retryable);
+    }
+    let tail: Vec<String> = stderr_tail.lock().unwrap().iter().cloned().collect();
+    failed("runtime_crashed", crash_message(status, &tail), true)
+}
+
+fn spawn(ctx: &WorkerContext, job: &JobRow, input: &Path, out_dir: &Path) -> std::io::Result<Child> {
+    let mut cmd = Command::new(&ctx.runner);
+    if let Some(file) = &ctx.config_file {
+        cmd.arg("--config").arg(file);
+    }
+    cmd.arg("compress")
+        .arg(input)
+        .arg("--recipe")
+        .arg(job.recipe.0.to_string())
+        .arg("--out")
+        .arg(out_dir)
+        .arg("--job-id")
+        .arg(job.id.to_string())
+        .arg("--events")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(lib) = crate::eval::runtime::locate(&ctx.config.onnxruntime.dylib_path) {
+        cmd.env("ORT_DYLIB_PATH", lib);
+    }
+    cmd.spawn()
+}
+
+/// Waits for the child while renewing the lease. `Err` carries the outcome when the attempt must
+/// stop early (the caller kills the child).
+async fn supervise(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    child: &mut Child,
+    progress: &Mutex<Option<(String, f32)>>,
+    shutdown: &CancellationToken,
+) -> Result<ExitStatus, Outcome> {
+    let cfg = &ctx.config.worker;
+    let deadline = Instant::now() + Duration::from_secs(cfg.job_timeout_s);
+    let renew_every = Duration::from_secs_f64(cfg.lease_s as f64 / 3.0);
+    let mut last_renewal = Instant::now();
+    let mut reported: Option<(String, f32)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut grace_until: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return status.map_err(|e| failed("runtime_crashed", format!("waiting for the job process: {e}"), true));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(failed("timeout", format!("the attempt ran past worker.job_timeout_s ({}s)", cfg.job_timeout_s), false));
+            }
+            _ = shutdown.cancelled(), if grace_until.is_none() => {
+                grace_until = Some(Instant::now() + Duration::from_secs(ctx.config.server.shutdown_grace_s));
+                tracing::info!("shutdown requested; giving the running attempt its grace period");
+            }
+            _ = tick.tick() => {
+                if grace_until.is_some_and(|g| Instant::now() >= g) {
+                    return Err(Outcome::Released);
+                }
+                let latest = progress.lock().unwrap().clone();
+                let changed = latest.is_some() && latest != reported;
+                if !changed && last_renewal.elapsed() < renew_every {
+                    continue;
+                }
+                let p = latest.as_ref().map(|(s, p)| (s.as_str(), *p));
+                match queue::heartbeat(&ctx.pool, job.id, job.attempt, cfg.lease_s, p).await {
+                    Ok(Lease::Held) => {}
+                    Ok(Lease::CancelRequested) => return Err(Outcome::Cancelled),
+                    Ok(Lease::Lost) => return Err(Outcome::LeaseLost),
+                    // A database blip: keep working; the lease has slack for a few missed renewals.
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+                last_renewal = Instant::now();
+                reported = latest;
+            }
+        }
+    }
+}
+
+async fn read_events(stdout: tokio::process::ChildStdout, progress: Arc<Mutex<Option<(String, f32)>>>, error: Arc<Mutex<Option<Event>>>) {
+    let mut lines = BufReader::new(stdout).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Progress { stage, percent }) => *progress.lock().unwrap() = Some((stage, percent)),
+            Ok(e @ Event::Error { .. }) => *error.lock().unwrap() = Some(e),
+            Ok(Event::Done) => {}
+            Err(_) => tracing::debug!(line, "job process output"),
+        }
+    }
+}
+
+/// Keeps the last lines the child wrote to stderr for the crash message, and logs them.
+async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::debug!(target: "modelpress::job_process", "{line}");
+        let mut t = tail.lock().unwrap();
+        if t.len() == 10 {
+            t.pop_front();
+        }
+        t.push_back(line);
+    }
+}
+
+fn crash_message(status: ExitStatus, tail: &[String]) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!("the job process was killed by signal {sig}"),
+        (Some(code), _) => format!("the job process exited with status {code} without reporting an error"),
+        _ => "the job process ended abnormally".to_string(),
+    };
+    match tail.last() {
+        Some(last) => format!("{how}; its last output: {last}"),
+        None => how,
+    }
+}
+
+async fn store_artifacts(ctx: &WorkerContext, job: &JobRow, out_dir: &Path) -> Outcome {
+    let mut stored = Vec::new();
+    for (name, content_type) in [(MODEL_ARTIFACT, "application/octet-stream"), (REPORT_ARTIFACT, "application/json")] {
+        let path: PathBuf = out_dir.join(name);
+        let (size, sha256) = match storage::hash_file(&path).await {
+            Ok(h) => h,
+            Err(e) => return failed("pass_failed", format!("the job process did not write {name}: {e}"), false),
+        };
+        let key = storage::artifact_key(job.tenant_id, job.id, job.attempt, name);
+        if let Err(e) = ctx.storage.put_file(&key, &path).await {
+            return failed("storage_error", format!("storing {name}: {e}"), true);
+        }
+        stored.push(NewArtifact {
+            name: name.into(),
+            size_bytes: size as i64,
+            sha256,
+            content_type: content_type.into(),
+            storage_key: key,
+        });
+    }
+    Outcome::Succeeded(stored)
+}
