@@ -70,7 +70,9 @@ pub struct EvalConfig {
     pub warmup_runs: usize,
     pub timed_runs: usize,
     pub seed: u64,
+    pub batch_size: i64,
     pub dynamic_dim: i64,
+    pub dim_overrides: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,10 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -111,13 +116,27 @@ impl Config {
             )));
         }
         if self.worker.concurrency == 0 || self.worker.lease_s < 3 {
-            return Err(ConfigError("worker.concurrency must be >= 1 and worker.lease_s >= 3".into()));
+            return Err(ConfigError(
+                "worker.concurrency must be >= 1 and worker.lease_s >= 3".into(),
+            ));
         }
         if !(1..=10).contains(&self.worker.max_attempts) {
-            return Err(ConfigError("worker.max_attempts must be within 1..=10".into()));
+            return Err(ConfigError(
+                "worker.max_attempts must be within 1..=10".into(),
+            ));
         }
-        if self.eval.timed_runs == 0 || self.eval.threads == 0 || self.eval.dynamic_dim < 1 {
-            return Err(ConfigError("eval.timed_runs, eval.threads and eval.dynamic_dim must be >= 1".into()));
+        if self.eval.timed_runs == 0
+            || self.eval.threads == 0
+            || self.eval.dynamic_dim < 1
+            || self.eval.batch_size < 1
+        {
+            return Err(ConfigError(
+                "eval.timed_runs, eval.threads, eval.batch_size and eval.dynamic_dim must be >= 1"
+                    .into(),
+            ));
+        }
+        if self.eval.dim_overrides.values().any(|&v| v < 1) {
+            return Err(ConfigError("eval.dim_overrides values must be >= 1".into()));
         }
         Ok(())
     }

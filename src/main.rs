@@ -19,7 +19,11 @@ use modelpress::worker::events::Event;
 use modelpress::{db, telemetry};
 
 #[derive(Parser)]
-#[command(name = "modelpress", version, about = "ONNX model compression as a service")]
+#[command(
+    name = "modelpress",
+    version,
+    about = "ONNX model compression as a service"
+)]
 struct Cli {
     /// A TOML file layered over the built-in defaults (config/default.toml documents every key).
     #[arg(long, global = true, env = "MODELPRESS_CONFIG")]
@@ -84,7 +88,7 @@ fn main() -> ExitCode {
         } => compress(&config, &model, &recipe, &out, job_id, events),
         command => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(run_async(config, cli.config, command)) {
+            match runtime.block_on(run_async(config, command)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = ?e, "modelpress failed");
@@ -96,7 +100,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_async(mut config: Config, config_file: Option<PathBuf>, command: Command) -> anyhow::Result<()> {
+async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
     let (listen, workers) = match command {
         Command::Serve {
             listen,
@@ -118,7 +122,9 @@ async fn run_async(mut config: Config, config_file: Option<PathBuf>, command: Co
             (false, true)
         }
         Command::Migrate => {
-            let pool = db::connect(&config.database.url, 2).await.context("connecting to PostgreSQL")?;
+            let pool = db::connect(&config.database.url, 2)
+                .await
+                .context("connecting to PostgreSQL")?;
             db::migrate(&pool).await.context("running migrations")?;
             tracing::info!("migrations applied");
             return Ok(());
@@ -127,7 +133,12 @@ async fn run_async(mut config: Config, config_file: Option<PathBuf>, command: Co
     };
     let pool = db::connect(&config.database.url, config.database.max_connections)
         .await
-        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&config.database.url)))?;
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                redact(&config.database.url)
+            )
+        })?;
     if config.database.migrate_on_start {
         db::migrate(&pool).await.context("running migrations")?;
     }
@@ -142,11 +153,7 @@ async fn run_async(mut config: Config, config_file: Option<PathBuf>, command: Co
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    let options = ServiceOptions {
-        listener,
-        workers,
-        config_file,
-    };
+    let options = ServiceOptions { listener, workers };
     service::run(Arc::new(config), pool, options, shutdown).await
 }
 
@@ -175,7 +182,14 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn compress(config: &Config, model: &std::path::Path, recipe: &str, out: &std::path::Path, job_id: Option<uuid::Uuid>, events: bool) -> ExitCode {
+fn compress(
+    config: &Config,
+    model: &std::path::Path,
+    recipe: &str,
+    out: &std::path::Path,
+    job_id: Option<uuid::Uuid>,
+    events: bool,
+) -> ExitCode {
     let fail = |code: &str, message: String, retryable: bool| {
         if events {
             Event::Error {
@@ -233,9 +247,18 @@ fn compress(config: &Config, model: &std::path::Path, recipe: &str, out: &std::p
                 let (o, r) = (&report.original, &report.result);
                 println!(
                     "size {} -> {} bytes; p50 {:.3} -> {:.3} ms; max abs error {:.3e}, cosine {:.6}",
-                    o.size_bytes, r.size_bytes, o.latency.p50_ms, r.latency.p50_ms, r.fidelity.max_abs_error, r.fidelity.cosine_similarity
+                    o.size_bytes,
+                    r.size_bytes,
+                    o.latency.p50_ms,
+                    r.latency.p50_ms,
+                    r.fidelity.max_abs_error,
+                    r.fidelity.cosine_similarity
                 );
-                println!("wrote {} and {}", out.join(pipeline::MODEL_ARTIFACT).display(), out.join(pipeline::REPORT_ARTIFACT).display());
+                println!(
+                    "wrote {} and {}",
+                    out.join(pipeline::MODEL_ARTIFACT).display(),
+                    out.join(pipeline::REPORT_ARTIFACT).display()
+                );
             }
             ExitCode::SUCCESS
         }

@@ -2,7 +2,6 @@
 //! the workers, all stopped by one cancellation token (SIGTERM/SIGINT in the binary, the test
 //! harness in tests).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,27 +19,33 @@ pub struct ServiceOptions {
     /// Serve HTTP on this listener; `None` runs workers only.
     pub listener: Option<TcpListener>,
     pub workers: bool,
-    /// Config file to hand to job processes.
-    pub config_file: Option<PathBuf>,
 }
 
 pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     let root = config.storage_root();
-    let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
+    let local = LocalStorage::new(&root)
+        .with_context(|| format!("opening local storage at {}", root.display()))?;
     Ok(Arc::new(local))
 }
 
-pub async fn run(config: Arc<Config>, pool: PgPool, options: ServiceOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Arc<Config>,
+    pool: PgPool,
+    options: ServiceOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let storage = storage(&config)?;
     let dylib = config.onnxruntime.dylib_path.clone();
-    let runtime = tokio::task::spawn_blocking(move || Runtime::init(&dylib).map_err(|e| e.to_string())).await?;
+    let runtime =
+        tokio::task::spawn_blocking(move || Runtime::init(&dylib).map_err(|e| e.to_string()))
+            .await?;
     if let Err(e) = &runtime {
         tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
     }
 
     let mut tasks = tokio::task::JoinSet::new();
     if options.workers {
-        let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone(), options.config_file.clone())?;
+        let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone())?;
         tasks.spawn(worker::run(ctx, shutdown.clone()));
     }
     if let Some(listener) = options.listener {

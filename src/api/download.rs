@@ -17,9 +17,15 @@ pub struct Object<'a> {
     pub content_type: &'static str,
 }
 
-pub async fn serve(state: &AppState, headers: &HeaderMap, object: Object<'_>) -> ApiResult<Response<Body>> {
+pub async fn serve(
+    state: &AppState,
+    headers: &HeaderMap,
+    object: Object<'_>,
+) -> ApiResult<Response<Body>> {
     let etag = format!("\"{}\"", object.sha256);
-    let if_none_match = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok());
     if if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
         return Ok(Response::builder()
             .status(StatusCode::NOT_MODIFIED)
@@ -42,11 +48,16 @@ pub async fn serve(state: &AppState, headers: &HeaderMap, object: Object<'_>) ->
             .header(header::CONTENT_LENGTH, r.end - r.start)
             .header(
                 header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes {}-{}/{}", r.start, r.end - 1, object.size)).expect("ascii"),
+                HeaderValue::from_str(&format!("bytes {}-{}/{}", r.start, r.end - 1, object.size))
+                    .expect("ascii"),
             ),
-        None => response.status(StatusCode::OK).header(header::CONTENT_LENGTH, object.size),
+        None => response
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, object.size),
     };
-    Ok(response.body(Body::from_stream(stream)).expect("valid response"))
+    Ok(response
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
 }
 
 /// Parses one `bytes=` range against an object of `len` bytes. A syntactically unusable header is
@@ -66,18 +77,24 @@ pub fn parse_range(spec: &str, len: u64) -> ApiResult<Option<Range<u64>>> {
     let range = match (start.trim(), end.trim()) {
         ("", "") => return Ok(None),
         ("", suffix) => {
-            let Ok(n) = suffix.parse::<u64>() else { return Ok(None) };
+            let Ok(n) = suffix.parse::<u64>() else {
+                return Ok(None);
+            };
             if n == 0 || len == 0 {
                 return Err(unsatisfiable);
             }
             len.saturating_sub(n)..len
         }
         (start, end) => {
-            let Ok(start) = start.parse::<u64>() else { return Ok(None) };
+            let Ok(start) = start.parse::<u64>() else {
+                return Ok(None);
+            };
             let end = if end.is_empty() {
                 len.saturating_sub(1)
             } else {
-                let Ok(end) = end.parse::<u64>() else { return Ok(None) };
+                let Ok(end) = end.parse::<u64>() else {
+                    return Ok(None);
+                };
                 if end < start {
                     return Ok(None);
                 }
@@ -106,7 +123,13 @@ mod tests {
         assert_eq!(parse_range("items=0-1", 100).unwrap(), None);
         assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
         assert_eq!(parse_range("bytes=9-3", 100).unwrap(), None);
-        assert!(matches!(parse_range("bytes=100-", 100), Err(ApiError::RangeNotSatisfiable { len: 100 })));
-        assert!(matches!(parse_range("bytes=-0", 100), Err(ApiError::RangeNotSatisfiable { .. })));
+        assert!(matches!(
+            parse_range("bytes=100-", 100),
+            Err(ApiError::RangeNotSatisfiable { len: 100 })
+        ));
+        assert!(matches!(
+            parse_range("bytes=-0", 100),
+            Err(ApiError::RangeNotSatisfiable { .. })
+        ));
     }
 }

@@ -99,7 +99,11 @@ impl Job {
 }
 
 /// Rows → API jobs, fetching all their artifacts in one query.
-async fn with_artifacts(state: &AppState, tenant: Tenant, rows: Vec<JobRow>) -> ApiResult<Vec<Job>> {
+async fn with_artifacts(
+    state: &AppState,
+    tenant: Tenant,
+    rows: Vec<JobRow>,
+) -> ApiResult<Vec<Job>> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let mut by_job: HashMap<Uuid, Vec<ArtifactRow>> = HashMap::new();
     for a in artifacts::list_for_jobs(&state.pool, tenant.0, &ids).await? {
@@ -118,11 +122,19 @@ async fn one(state: &AppState, tenant: Tenant, row: JobRow) -> ApiResult<Job> {
     Ok(with_artifacts(state, tenant, vec![row]).await?.remove(0))
 }
 
-pub async fn create(State(state): State<AppState>, tenant: Tenant, Json(body): Json<CreateJob>) -> ApiResult<Response> {
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Json(body): Json<CreateJob>,
+) -> ApiResult<Response> {
     let recipe = Recipe::parse(&body.recipe).map_err(|e| ApiError::InvalidRecipe(e.0))?;
-    let max_attempts = body.max_attempts.unwrap_or(state.config.worker.max_attempts);
+    let max_attempts = body
+        .max_attempts
+        .unwrap_or(state.config.worker.max_attempts);
     if !(1..=10).contains(&max_attempts) {
-        return Err(ApiError::InvalidRequest("max_attempts must be within 1..=10".into()));
+        return Err(ApiError::InvalidRequest(
+            "max_attempts must be within 1..=10".into(),
+        ));
     }
     // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
     let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
@@ -141,7 +153,12 @@ pub async fn create(State(state): State<AppState>, tenant: Tenant, Json(body): J
     tracing::info!(job_id = %row.id, model_id = %row.model_id, "job queued");
     let location = format!("/v1/jobs/{}", row.id);
     let job = one(&state, tenant, row).await?;
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(job)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(job),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,7 +168,11 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-pub async fn list(State(state): State<AppState>, tenant: Tenant, Query(q): Query<ListQuery>) -> ApiResult<axum::Json<Page<Job>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<Page<Job>>> {
     let (limit, cursor) = PageQuery {
         limit: q.limit,
         cursor: q.cursor,
@@ -181,14 +202,24 @@ async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<JobRow> {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
+pub async fn get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Job>> {
     let row = find(&state, tenant, id).await?;
     Ok(axum::Json(one(&state, tenant, row).await?))
 }
 
-pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Job>> {
     match queue::cancel(&state.pool, tenant.0, id).await? {
-        CancelOutcome::Cancelled(row) | CancelOutcome::Requested(row) => Ok(axum::Json(one(&state, tenant, row).await?)),
+        CancelOutcome::Cancelled(row) | CancelOutcome::Requested(row) => {
+            Ok(axum::Json(one(&state, tenant, row).await?))
+        }
         CancelOutcome::AlreadyFinished(row) => Err(ApiError::Conflict {
             code: "job_finished",
             message: format!("the job already finished ({})", row.state.as_str()),
@@ -207,7 +238,10 @@ pub async fn report(
     if !job.state.is_terminal() {
         return Err(ApiError::Conflict {
             code: "job_not_finished",
-            message: format!("the job is {}; its report exists once it succeeds", job.state.as_str()),
+            message: format!(
+                "the job is {}; its report exists once it succeeds",
+                job.state.as_str()
+            ),
         });
     }
     serve_artifact(&state, tenant, id, REPORT_ARTIFACT, &headers).await
@@ -222,7 +256,13 @@ pub async fn artifact(
     serve_artifact(&state, tenant, id, &name, &headers).await
 }
 
-async fn serve_artifact(state: &AppState, tenant: Tenant, job: Uuid, name: &str, headers: &HeaderMap) -> ApiResult<Response<Body>> {
+async fn serve_artifact(
+    state: &AppState,
+    tenant: Tenant,
+    job: Uuid,
+    name: &str,
+    headers: &HeaderMap,
+) -> ApiResult<Response<Body>> {
     let artifact = artifacts::get(&state.pool, tenant.0, job, name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job {job} has no artifact named {name:?}")))?;

@@ -69,14 +69,26 @@ fn routes() -> Routes {
         )
         .add(M::GET, "/v1/models", routing::get(models::list))
         .add(M::GET, "/v1/models/{id}", routing::get(models::get))
-        .add(M::DELETE, "/v1/models/{id}", routing::delete(models::delete))
-        .add(M::GET, "/v1/models/{id}/content", routing::get(models::content))
+        .add(
+            M::DELETE,
+            "/v1/models/{id}",
+            routing::delete(models::delete),
+        )
+        .add(
+            M::GET,
+            "/v1/models/{id}/content",
+            routing::get(models::content),
+        )
         .add(M::POST, "/v1/jobs", routing::post(jobs::create))
         .add(M::GET, "/v1/jobs", routing::get(jobs::list))
         .add(M::GET, "/v1/jobs/{id}", routing::get(jobs::get))
         .add(M::POST, "/v1/jobs/{id}/cancel", routing::post(jobs::cancel))
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
-        .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
+        .add(
+            M::GET,
+            "/v1/jobs/{id}/artifacts/{name}",
+            routing::get(jobs::artifact),
+        )
 }
 
 /// Every (method, path) the API serves, in OpenAPI path syntax.

@@ -62,11 +62,16 @@ impl PageQuery {
     pub fn parse(&self) -> ApiResult<(i64, Option<Cursor>)> {
         let limit = self.limit.unwrap_or(page::DEFAULT_LIMIT);
         if !(1..=page::MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::InvalidQuery(format!("limit must be within 1..={}", page::MAX_LIMIT)));
+            return Err(ApiError::InvalidQuery(format!(
+                "limit must be within 1..={}",
+                page::MAX_LIMIT
+            )));
         }
         let cursor = match &self.cursor {
             None => None,
-            Some(c) => Some(Cursor::decode(c).ok_or_else(|| ApiError::InvalidQuery("cursor is not one this API issued".into()))?),
+            Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
+                ApiError::InvalidQuery("cursor is not one this API issued".into())
+            })?),
         };
         Ok((limit, cursor))
     }
@@ -74,14 +79,26 @@ impl PageQuery {
 
 /// The next cursor when the page is full (there may be more rows after it).
 pub fn next_cursor<T>(rows: &[T], limit: i64, key: impl Fn(&T) -> Cursor) -> Option<String> {
-    (rows.len() as i64 == limit).then(|| rows.last().map(|r| key(r).encode())).flatten()
+    (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| key(r).encode()))
+        .flatten()
 }
 
 /// A display name: trimmed, control characters dropped, at most 255 characters. It is only a
 /// label; storage keys never use it.
 fn clean_name(raw: Option<&str>) -> String {
-    let cleaned: String = raw.unwrap_or("").trim().chars().filter(|c| !c.is_control()).take(255).collect();
-    if cleaned.is_empty() { "model".into() } else { cleaned }
+    let cleaned: String = raw
+        .unwrap_or("")
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(255)
+        .collect();
+    if cleaned.is_empty() {
+        "model".into()
+    } else {
+        cleaned
+    }
 }
 
 pub async fn upload(
@@ -114,18 +131,18 @@ pub async fn upload(
             .await
             .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
         let mut found = None;
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())))?
-        {
+        while let Some(field) = multipart.next_field().await.map_err(|e| {
+            ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text()))
+        })? {
             if field.name() == Some("file") {
                 let filename = field.file_name().map(str::to_string);
                 found = Some((upload::stage(&staging, field, limit).await?, filename));
                 break;
             }
         }
-        found.ok_or_else(|| ApiError::InvalidRequest("the multipart body has no part named \"file\"".into()))?
+        found.ok_or_else(|| {
+            ApiError::InvalidRequest("the multipart body has no part named \"file\"".into())
+        })?
     } else {
         return Err(ApiError::UnsupportedMediaType(
             "upload the model as application/octet-stream or as multipart/form-data with a part named \"file\"".into(),
@@ -134,20 +151,31 @@ pub async fn upload(
     let name = clean_name(query.name.as_deref().or(filename.as_deref()));
     let model = store_model(&state, tenant, staged, &name).await?;
     let location = format!("/v1/models/{}", model.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(model)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(model),
+    )
+        .into_response())
 }
 
 /// Parses the staged file as ONNX, moves it into storage and records it. An invalid model leaves
 /// nothing behind: the staged file is deleted when `staged` drops.
-async fn store_model(state: &AppState, tenant: Tenant, staged: Staged, name: &str) -> ApiResult<Model> {
+async fn store_model(
+    state: &AppState,
+    tenant: Tenant,
+    staged: Staged,
+    name: &str,
+) -> ApiResult<Model> {
     if staged.size == 0 {
         return Err(ApiError::InvalidModel("the upload is empty".into()));
     }
     let path = staged.path.to_path_buf();
-    let summary = tokio::task::spawn_blocking(move || onnx::load(&path).map(|m| ModelSummary::of(&m)))
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::InvalidModel(e.to_string()))?;
+    let summary =
+        tokio::task::spawn_blocking(move || onnx::load(&path).map(|m| ModelSummary::of(&m)))
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?
+            .map_err(|e| ApiError::InvalidModel(e.to_string()))?;
     let id = Uuid::new_v4();
     let key = storage::model_key(tenant.0, id);
     state.storage.put_file(&key, &staged.path).await?;
@@ -176,7 +204,11 @@ async fn store_model(state: &AppState, tenant: Tenant, staged: Staged, name: &st
     }
 }
 
-pub async fn list(State(state): State<AppState>, tenant: Tenant, Query(q): Query<PageQuery>) -> ApiResult<axum::Json<Page<Model>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::Json<Page<Model>>> {
     let (limit, cursor) = q.parse()?;
     let rows = db_models::list(&state.pool, tenant.0, limit, cursor).await?;
     let next_cursor = next_cursor(&rows, limit, |r| Cursor {
@@ -195,7 +227,11 @@ async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<ModelRow>
         .ok_or_else(|| ApiError::not_found("model"))
 }
 
-pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Model>> {
+pub async fn get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+) -> ApiResult<axum::Json<Model>> {
     Ok(axum::Json(find(&state, tenant, id).await?.into()))
 }
 
@@ -219,7 +255,11 @@ pub async fn content(
     .await
 }
 
-pub async fn delete(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+) -> ApiResult<StatusCode> {
     match db_models::delete(&state.pool, tenant.0, id).await? {
         DeleteOutcome::Deleted(key) => {
             if let Err(e) = state.storage.delete(&key).await {
@@ -230,7 +270,8 @@ pub async fn delete(State(state): State<AppState>, tenant: Tenant, Path(id): Pat
         DeleteOutcome::NotFound => Err(ApiError::not_found("model")),
         DeleteOutcome::InUse => Err(ApiError::Conflict {
             code: "model_in_use",
-            message: "a queued or running job uses this model; cancel it or wait for it to finish".into(),
+            message: "a queued or running job uses this model; cancel it or wait for it to finish"
+                .into(),
         }),
     }
 }

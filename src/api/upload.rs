@@ -33,7 +33,8 @@ where
     let mut size = 0u64;
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(too_large(limit));
@@ -54,5 +55,7 @@ where
 }
 
 pub fn too_large(limit: u64) -> ApiError {
-    ApiError::PayloadTooLarge(format!("the upload is larger than the {limit}-byte limit (limits.max_model_bytes)"))
+    ApiError::PayloadTooLarge(format!(
+        "the upload is larger than the {limit}-byte limit (limits.max_model_bytes)"
+    ))
 }

@@ -37,7 +37,9 @@ impl Recipe {
             .as_array()
             .ok_or_else(|| RecipeError("recipe must be an array of passes".into()))?;
         if steps.is_empty() {
-            return Err(RecipeError("recipe is empty; give at least one pass".into()));
+            return Err(RecipeError(
+                "recipe is empty; give at least one pass".into(),
+            ));
         }
         let specs = steps
             .iter()
@@ -58,7 +60,10 @@ fn parse_step(step: &Value) -> Result<PassSpec, String> {
         None => return Err("missing \"pass\" (the name of the pass)".into()),
     };
     if !KNOWN_PASSES.contains(&name.as_str()) {
-        return Err(format!("unknown pass {name:?} (known passes: {})", KNOWN_PASSES.join(", ")));
+        return Err(format!(
+            "unknown pass {name:?} (known passes: {})",
+            KNOWN_PASSES.join(", ")
+        ));
     }
     serde_json::from_value(step.clone()).map_err(|e| format!("pass {name:?}: {e}"))
 }
@@ -90,7 +95,12 @@ pub struct PassError(pub String);
 
 pub trait Pass {
     fn name(&self) -> &'static str;
-    fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError>;
+    fn run(
+        &self,
+        input: &Path,
+        output: &Path,
+        ctx: &PassContext<'_>,
+    ) -> Result<PassOutput, PassError>;
 }
 
 #[cfg(test)]
@@ -101,8 +111,16 @@ mod tests {
     #[test]
     fn a_valid_recipe_parses_with_defaults_filled_in() {
         let r = Recipe::parse(&json!([{"pass": "optimize"}])).unwrap();
-        assert_eq!(r.0, vec![PassSpec::Optimize(optimize::OptimizeParams { level: optimize::Level::Extended })]);
-        assert_eq!(serde_json::to_value(&r).unwrap(), json!([{"pass": "optimize", "level": "extended"}]));
+        assert_eq!(
+            r.0,
+            vec![PassSpec::Optimize(optimize::OptimizeParams {
+                level: optimize::Level::Extended
+            })]
+        );
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!([{"pass": "optimize", "level": "extended"}])
+        );
     }
 
     #[test]
@@ -112,13 +130,25 @@ mod tests {
             (json!([]), "empty"),
             (json!([1]), "recipe[0]: each pass must be an object"),
             (json!([{"level": "all"}]), "recipe[0]: missing \"pass\""),
-            (json!([{"pass": "optimize"}, {"pass": "shrink"}]), "recipe[1]: unknown pass \"shrink\""),
-            (json!([{"pass": "optimize", "level": "max"}]), "unknown variant `max`"),
-            (json!([{"pass": "optimize", "levle": "all"}]), "unknown field `levle`"),
+            (
+                json!([{"pass": "optimize"}, {"pass": "shrink"}]),
+                "recipe[1]: unknown pass \"shrink\"",
+            ),
+            (
+                json!([{"pass": "optimize", "level": "max"}]),
+                "unknown variant `max`",
+            ),
+            (
+                json!([{"pass": "optimize", "levle": "all"}]),
+                "unknown field `levle`",
+            ),
         ];
         for (recipe, expected) in cases {
             let err = Recipe::parse(&recipe).unwrap_err().0;
-            assert!(err.contains(expected), "{recipe}: {err:?} does not contain {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{recipe}: {err:?} does not contain {expected:?}"
+            );
         }
     }
 }

@@ -56,7 +56,12 @@ pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Option<ModelRo
 }
 
 /// Newest first, `limit` rows after `cursor`.
-pub async fn list(pool: &PgPool, tenant: Uuid, limit: i64, cursor: Option<Cursor>) -> Result<Vec<ModelRow>, sqlx::Error> {
+pub async fn list(
+    pool: &PgPool,
+    tenant: Uuid,
+    limit: i64,
+    cursor: Option<Cursor>,
+) -> Result<Vec<ModelRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT * FROM models
          WHERE tenant_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))

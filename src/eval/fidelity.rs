@@ -33,7 +33,10 @@ pub enum FidelityError {
     },
 }
 
-pub fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, FidelityError> {
+pub fn compare(
+    reference: &[OutputTensor],
+    candidate: &[OutputTensor],
+) -> Result<Fidelity, FidelityError> {
     let mut outputs = Vec::new();
     for r in reference {
         let c = candidate
@@ -114,13 +117,24 @@ mod tests {
 
     #[test]
     fn identical_outputs_have_zero_error_and_unit_cosine() {
-        let f = compare(&[out("y", &[1.0, -2.0, 3.0])], &[out("y", &[1.0, -2.0, 3.0])]).unwrap();
-        assert_eq!((f.max_abs_error, f.mean_abs_error, f.cosine_similarity), (0.0, 0.0, 1.0));
+        let f = compare(
+            &[out("y", &[1.0, -2.0, 3.0])],
+            &[out("y", &[1.0, -2.0, 3.0])],
+        )
+        .unwrap();
+        assert_eq!(
+            (f.max_abs_error, f.mean_abs_error, f.cosine_similarity),
+            (0.0, 0.0, 1.0)
+        );
     }
 
     #[test]
     fn errors_and_cosine_match_hand_computed_values() {
-        let f = compare(&[out("y", &[1.0, 0.0]), out("z", &[2.0])], &[out("z", &[2.5]), out("y", &[0.0, 1.0])]).unwrap();
+        let f = compare(
+            &[out("y", &[1.0, 0.0]), out("z", &[2.0])],
+            &[out("z", &[2.5]), out("y", &[0.0, 1.0])],
+        )
+        .unwrap();
         assert_eq!(f.outputs[0].max_abs_error, 1.0);
         assert_eq!(f.outputs[0].mean_abs_error, 1.0);
         assert_eq!(f.outputs[0].cosine_similarity, 0.0);

@@ -44,7 +44,11 @@ pub enum InputError {
     #[error("input {name:?} has dtype {dtype}, which synthetic inputs do not support yet")]
     UnsupportedDtype { name: String, dtype: String },
     #[error("input {name:?} would hold {elements} elements; the limit is {limit}")]
-    TooLarge { name: String, elements: u64, limit: u64 },
+    TooLarge {
+        name: String,
+        elements: u64,
+        limit: u64,
+    },
     #[error("creating tensor {name:?}: {message}")]
     Tensor { name: String, message: String },
 }
@@ -52,20 +56,44 @@ pub enum InputError {
 /// Largest synthetic tensor (elements); a signature declaring more is refused, not allocated.
 pub const MAX_SYNTHETIC_ELEMENTS: u64 = 64 * 1024 * 1024;
 
+/// How dynamic dimensions become concrete: a dynamic first axis is the batch; named symbols can be
+/// set one by one; everything else gets `default`.
+#[derive(Debug, Clone)]
+pub struct DimPolicy<'a> {
+    pub batch: i64,
+    pub default: i64,
+    pub overrides: &'a std::collections::BTreeMap<String, i64>,
+}
+
+impl DimPolicy<'_> {
+    fn resolve(&self, axis: usize, dim: &Dim) -> i64 {
+        match dim {
+            Dim::Fixed(v) if *v > 0 => *v,
+            Dim::Symbolic(s) if self.overrides.contains_key(s) => self.overrides[s],
+            _ if axis == 0 => self.batch,
+            _ => self.default,
+        }
+    }
+}
+
 /// Builds one tensor per input. Floats are standard normal; integers lie in `0..10` (valid as token
 /// ids or indices for most models); booleans are fair coin flips.
-pub fn synthetic(signature: &[TensorSignature], seed: u64, dynamic_dim: i64) -> Result<Vec<InputTensor>, InputError> {
+pub fn synthetic(
+    signature: &[TensorSignature],
+    seed: u64,
+    dims: &DimPolicy<'_>,
+) -> Result<Vec<InputTensor>, InputError> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     signature
         .iter()
         .map(|sig| {
-            let dims = sig.shape.as_ref().ok_or_else(|| InputError::UnknownRank { name: sig.name.clone() })?;
-            let shape: Vec<i64> = dims
+            let declared = sig.shape.as_ref().ok_or_else(|| InputError::UnknownRank {
+                name: sig.name.clone(),
+            })?;
+            let shape: Vec<i64> = declared
                 .iter()
-                .map(|d| match d {
-                    Dim::Fixed(v) if *v > 0 => *v,
-                    Dim::Fixed(_) | Dim::Symbolic(_) | Dim::Unknown => dynamic_dim,
-                })
+                .enumerate()
+                .map(|(axis, d)| dims.resolve(axis, d))
                 .collect();
             let elements = shape.iter().map(|&d| d as u64).product::<u64>();
             if elements > MAX_SYNTHETIC_ELEMENTS {
@@ -78,14 +106,30 @@ pub fn synthetic(signature: &[TensorSignature], seed: u64, dynamic_dim: i64) -> 
             let n = elements as usize;
             let normal = |rng: &mut rand::rngs::StdRng| -> f64 { StandardNormal.sample(rng) };
             let data = match dtype::from_name(&sig.dtype) {
-                Some(DataType::Float) => TensorData::F32((0..n).map(|_| normal(&mut rng) as f32).collect()),
-                Some(DataType::Double) => TensorData::F64((0..n).map(|_| normal(&mut rng)).collect()),
-                Some(DataType::Float16) => TensorData::F16((0..n).map(|_| f16::from_f64(normal(&mut rng))).collect()),
-                Some(DataType::Int64) => TensorData::I64((0..n).map(|_| rng.random_range(0..10)).collect()),
-                Some(DataType::Int32) => TensorData::I32((0..n).map(|_| rng.random_range(0..10)).collect()),
-                Some(DataType::Int8) => TensorData::I8((0..n).map(|_| rng.random_range(0..10)).collect()),
-                Some(DataType::Uint8) => TensorData::U8((0..n).map(|_| rng.random_range(0..=255)).collect()),
-                Some(DataType::Bool) => TensorData::Bool((0..n).map(|_| rng.random_bool(0.5)).collect()),
+                Some(DataType::Float) => {
+                    TensorData::F32((0..n).map(|_| normal(&mut rng) as f32).collect())
+                }
+                Some(DataType::Double) => {
+                    TensorData::F64((0..n).map(|_| normal(&mut rng)).collect())
+                }
+                Some(DataType::Float16) => {
+                    TensorData::F16((0..n).map(|_| f16::from_f64(normal(&mut rng))).collect())
+                }
+                Some(DataType::Int64) => {
+                    TensorData::I64((0..n).map(|_| rng.random_range(0..10)).collect())
+                }
+                Some(DataType::Int32) => {
+                    TensorData::I32((0..n).map(|_| rng.random_range(0..10)).collect())
+                }
+                Some(DataType::Int8) => {
+                    TensorData::I8((0..n).map(|_| rng.random_range(0..10)).collect())
+                }
+                Some(DataType::Uint8) => {
+                    TensorData::U8((0..n).map(|_| rng.random_range(0..=255)).collect())
+                }
+                Some(DataType::Bool) => {
+                    TensorData::Bool((0..n).map(|_| rng.random_bool(0.5)).collect())
+                }
                 _ => {
                     return Err(InputError::UnsupportedDtype {
                         name: sig.name.clone(),
@@ -153,32 +197,69 @@ mod tests {
         }
     }
 
+    fn policy(overrides: &std::collections::BTreeMap<String, i64>) -> DimPolicy<'_> {
+        DimPolicy {
+            batch: 2,
+            default: 7,
+            overrides,
+        }
+    }
+
     #[test]
-    fn dynamic_dims_take_the_configured_value_and_seeds_repeat() {
+    fn dynamic_dims_follow_the_policy_and_seeds_repeat() {
+        let overrides = [("seq".to_string(), 5)].into_iter().collect();
+        let p = policy(&overrides);
         let s = [
-            sig("x", "float32", Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(3)])),
-            sig("ids", "int64", Some(vec![Dim::Unknown, Dim::Fixed(5)])),
+            sig(
+                "x",
+                "float32",
+                Some(vec![
+                    Dim::Symbolic("batch".into()),
+                    Dim::Fixed(3),
+                    Dim::Unknown,
+                ]),
+            ),
+            sig(
+                "ids",
+                "int64",
+                Some(vec![
+                    Dim::Unknown,
+                    Dim::Symbolic("seq".into()),
+                    Dim::Fixed(-1),
+                ]),
+            ),
         ];
-        let a = synthetic(&s, 9, 2).unwrap();
-        assert_eq!(a[0].shape, vec![2, 3]);
-        assert_eq!(a[1].shape, vec![2, 5]);
-        let TensorData::I64(ids) = &a[1].data else { panic!("ids should be int64") };
+        let a = synthetic(&s, 9, &p).unwrap();
+        assert_eq!(a[0].shape, vec![2, 3, 7]);
+        assert_eq!(a[1].shape, vec![2, 5, 7]);
+        let TensorData::I64(ids) = &a[1].data else {
+            panic!("ids should be int64")
+        };
         assert!(ids.iter().all(|v| (0..10).contains(v)));
-        assert_eq!(a, synthetic(&s, 9, 2).unwrap());
-        assert_ne!(a, synthetic(&s, 10, 2).unwrap());
+        assert_eq!(a, synthetic(&s, 9, &p).unwrap());
+        assert_ne!(a, synthetic(&s, 10, &p).unwrap());
     }
 
     #[test]
     fn unknown_rank_and_strings_are_refused_with_the_input_named() {
-        let err = synthetic(&[sig("x", "float32", None)], 1, 1).unwrap_err();
+        let none = Default::default();
+        let err = synthetic(&[sig("x", "float32", None)], 1, &policy(&none)).unwrap_err();
         assert!(err.to_string().contains("\"x\""), "{err}");
-        let err = synthetic(&[sig("s", "string", Some(vec![]))], 1, 1).unwrap_err();
+        let err = synthetic(&[sig("s", "string", Some(vec![]))], 1, &policy(&none)).unwrap_err();
         assert!(err.to_string().contains("string"), "{err}");
     }
 
     #[test]
     fn absurd_shapes_are_refused_before_allocating() {
-        let s = [sig("x", "float32", Some(vec![Dim::Fixed(1 << 20), Dim::Fixed(1 << 20)]))];
-        assert!(matches!(synthetic(&s, 1, 1), Err(InputError::TooLarge { .. })));
+        let s = [sig(
+            "x",
+            "float32",
+            Some(vec![Dim::Fixed(1 << 20), Dim::Fixed(1 << 20)]),
+        )];
+        let none = Default::default();
+        assert!(matches!(
+            synthetic(&s, 1, &policy(&none)),
+            Err(InputError::TooLarge { .. })
+        ));
     }
 }

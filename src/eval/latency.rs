@@ -17,7 +17,12 @@ pub struct Latency {
     pub runs: usize,
 }
 
-pub fn measure(session: &mut Session, inputs: &PreparedInputs, warmup: usize, runs: usize) -> Result<Latency, RuntimeError> {
+pub fn measure(
+    session: &mut Session,
+    inputs: &PreparedInputs,
+    warmup: usize,
+    runs: usize,
+) -> Result<Latency, RuntimeError> {
     for _ in 0..warmup {
         inputs.run(session)?;
     }
@@ -45,7 +50,11 @@ pub fn summarize(mut samples: Vec<f64>) -> Latency {
         p50_ms: pick(50.0),
         p90_ms: pick(90.0),
         p99_ms: pick(99.0),
-        mean_ms: if n == 0 { 0.0 } else { samples.iter().sum::<f64>() / n as f64 },
+        mean_ms: if n == 0 {
+            0.0
+        } else {
+            samples.iter().sum::<f64>() / n as f64
+        },
         runs: n,
     }
 }

@@ -42,7 +42,8 @@ impl Runtime {
     /// Loads ORT once per process; later calls return the same runtime (or the same failure).
     pub fn init(configured: &str) -> Result<Runtime, RuntimeError> {
         let result = RUNTIME.get_or_init(|| {
-            let path = locate(configured).ok_or_else(|| RuntimeError::LibraryNotFound.to_string())?;
+            let path =
+                locate(configured).ok_or_else(|| RuntimeError::LibraryNotFound.to_string())?;
             let load = |message: String| RuntimeError::Load {
                 path: path.display().to_string(),
                 message,
@@ -82,7 +83,12 @@ impl Runtime {
     }
 
     /// Runs ORT's graph optimizer at `level` over `input` and writes the optimized graph to `output`.
-    pub fn optimize(&self, input: &Path, output: &Path, level: GraphOptimizationLevel) -> Result<(), RuntimeError> {
+    pub fn optimize(
+        &self,
+        input: &Path,
+        output: &Path,
+        level: GraphOptimizationLevel,
+    ) -> Result<(), RuntimeError> {
         let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
         Session::builder(&self.env)
             .map_err(err)?
@@ -128,7 +134,10 @@ fn version_of(path: &Path) -> String {
     {
         return v.to_string();
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     name.rsplit_once(".so.")
         .map(|(_, v)| v.to_string())
         .unwrap_or_else(|| format!("{ORT_SERIES}.x"))

@@ -24,24 +24,39 @@ impl PreparedInputs {
     pub fn new(inputs: &[InputTensor]) -> Result<Self, RuntimeError> {
         let values = inputs
             .iter()
-            .map(|t| Ok((t.name.clone(), t.to_value().map_err(|e| RuntimeError::Run(e.to_string()))?)))
+            .map(|t| {
+                Ok((
+                    t.name.clone(),
+                    t.to_value().map_err(|e| RuntimeError::Run(e.to_string()))?,
+                ))
+            })
             .collect::<Result<_, RuntimeError>>()?;
         Ok(PreparedInputs { values })
     }
 
     pub fn run(&self, session: &mut Session) -> Result<(), RuntimeError> {
-        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let refs: Vec<(&str, &DynValue)> =
+            self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        session
+            .run(refs)
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
         Ok(())
     }
 
-    pub fn run_and_collect(&self, session: &mut Session) -> Result<Vec<OutputTensor>, RuntimeError> {
-        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let outputs = session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
+    pub fn run_and_collect(
+        &self,
+        session: &mut Session,
+    ) -> Result<Vec<OutputTensor>, RuntimeError> {
+        let refs: Vec<(&str, &DynValue)> =
+            self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session
+            .run(refs)
+            .map_err(|e| RuntimeError::Run(e.to_string()))?;
         outputs
             .iter()
             .map(|(name, value)| {
-                let (shape, values) = widen(&value).map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
+                let (shape, values) = widen(&value)
+                    .map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
                 Ok(OutputTensor {
                     name: name.to_string(),
                     shape,

@@ -64,7 +64,9 @@ fn validate(model: &ModelProto) -> Result<()> {
     let invalid = |msg: String| Err(OnnxError::Invalid(msg));
     let ir_version = model.ir_version.unwrap_or(0);
     if ir_version <= 0 {
-        return invalid(format!("ir_version is {ir_version}; a model must declare ir_version >= 1"));
+        return invalid(format!(
+            "ir_version is {ir_version}; a model must declare ir_version >= 1"
+        ));
     }
     let Some(graph) = model.graph.as_ref() else {
         return invalid("the model has no graph".into());
@@ -145,7 +147,10 @@ mod tests {
     #[test]
     fn random_text_is_not_a_model() {
         let err = decode(b"this is certainly not an onnx model, just some text").unwrap_err();
-        assert!(matches!(err, OnnxError::Decode(_) | OnnxError::Invalid(_)), "{err}");
+        assert!(
+            matches!(err, OnnxError::Decode(_) | OnnxError::Invalid(_)),
+            "{err}"
+        );
     }
 
     #[test]
@@ -158,7 +163,11 @@ mod tests {
     fn every_truncation_of_a_model_is_rejected() {
         let bytes = encode(&builder::tiny_mlp(1));
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "a model cut at {len} of {} bytes was accepted", bytes.len());
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "a model cut at {len} of {} bytes was accepted",
+                bytes.len()
+            );
         }
     }
 }

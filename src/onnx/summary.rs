@@ -18,7 +18,8 @@ pub struct ModelSummary {
     pub opsets: Vec<Opset>,
     pub inputs: Vec<TensorSignature>,
     pub outputs: Vec<TensorSignature>,
-    /// Elements in all initializers (dense and sparse), subgraphs included.
+    /// Elements of every stored weight: initializers (dense and sparse) and `Constant` node tensors
+    /// (some exporters keep weights there), subgraphs included.
     pub parameters: u64,
     /// Nodes per operator; operators outside the default domain are keyed `domain::OpType`.
     pub op_counts: BTreeMap<String, u64>,
@@ -74,6 +75,14 @@ impl ModelSummary {
                 .sum::<u64>();
             for node in &g.node {
                 nodes += 1;
+                if node.op_type() == "Constant" && matches!(node.domain(), "" | DEFAULT_DOMAIN) {
+                    parameters += node
+                        .attribute
+                        .iter()
+                        .filter_map(|a| a.t.as_ref())
+                        .map(element_count)
+                        .sum::<u64>();
+                }
                 *op_counts.entry(op_key(node)).or_insert(0) += 1;
             }
         });
@@ -100,7 +109,11 @@ impl ModelSummary {
 }
 
 fn domain_name(domain: &str) -> &str {
-    if domain.is_empty() { DEFAULT_DOMAIN } else { domain }
+    if domain.is_empty() {
+        DEFAULT_DOMAIN
+    } else {
+        domain
+    }
 }
 
 fn op_key(node: &proto::NodeProto) -> String {
@@ -112,12 +125,17 @@ fn op_key(node: &proto::NodeProto) -> String {
 
 /// Elements a tensor declares; negative dims (invalid) count as zero rather than wrapping.
 pub fn element_count(t: &proto::TensorProto) -> u64 {
-    t.dims.iter().map(|&d| d.max(0) as u64).fold(1u64, |a, d| a.saturating_mul(d))
+    t.dims
+        .iter()
+        .map(|&d| d.max(0) as u64)
+        .fold(1u64, |a, d| a.saturating_mul(d))
 }
 
 fn signature(vi: &proto::ValueInfoProto) -> TensorSignature {
     let (dtype, shape) = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(type_proto::Value::TensorType(t)) => (dtype::name(t.elem_type()), t.shape.as_ref().map(dims)),
+        Some(type_proto::Value::TensorType(t)) => {
+            (dtype::name(t.elem_type()), t.shape.as_ref().map(dims))
+        }
         Some(type_proto::Value::SparseTensorType(t)) => (
             format!("sparse_{}", dtype::name(t.elem_type())),
             t.shape.as_ref().map(dims),
@@ -141,7 +159,8 @@ fn dims(shape: &proto::TensorShapeProto) -> Vec<Dim> {
         .dim
         .iter()
         .map(|d| match &d.value {
-            Some(Value::DimValue(v)) => Dim::Fixed(*v),
+            // Some exporters (Paddle) write -1 for a dynamic dimension.
+            Some(Value::DimValue(v)) if *v >= 0 => Dim::Fixed(*v),
             Some(Value::DimParam(p)) if !p.is_empty() => Dim::Symbolic(p.clone()),
             _ => Dim::Unknown,
         })
@@ -161,19 +180,37 @@ mod tests {
         assert_eq!(summary.inputs[0].dtype, "float32");
         assert_eq!(
             summary.inputs[0].shape,
-            Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(builder::MLP_IN as i64)])
+            Some(vec![
+                Dim::Symbolic("batch".into()),
+                Dim::Fixed(builder::MLP_IN as i64)
+            ])
         );
-        let p = builder::MLP_IN * builder::MLP_HIDDEN + builder::MLP_HIDDEN + builder::MLP_HIDDEN * builder::MLP_OUT + builder::MLP_OUT;
+        let p = builder::MLP_IN * builder::MLP_HIDDEN
+            + builder::MLP_HIDDEN
+            + builder::MLP_HIDDEN * builder::MLP_OUT
+            + builder::MLP_OUT;
         assert_eq!(summary.parameters, p as u64);
         assert_eq!(summary.op_counts.get("MatMul"), Some(&2));
         assert_eq!(summary.op_counts.get("Relu"), Some(&1));
-        assert_eq!(summary.opsets, vec![Opset { domain: "ai.onnx".into(), version: 17 }]);
+        assert_eq!(
+            summary.opsets,
+            vec![Opset {
+                domain: "ai.onnx".into(),
+                version: 17
+            }]
+        );
         let json = serde_json::to_value(&summary).unwrap();
-        assert_eq!(json["inputs"][0]["shape"], serde_json::json!(["batch", builder::MLP_IN]));
+        assert_eq!(
+            json["inputs"][0]["shape"],
+            serde_json::json!(["batch", builder::MLP_IN])
+        );
     }
 
     #[test]
     fn unknown_dims_serialize_as_null() {
-        assert_eq!(serde_json::to_value(Dim::Unknown).unwrap(), serde_json::Value::Null);
+        assert_eq!(
+            serde_json::to_value(Dim::Unknown).unwrap(),
+            serde_json::Value::Null
+        );
     }
 }

@@ -52,7 +52,10 @@ impl JobState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -155,7 +158,11 @@ pub async fn list(
 }
 
 /// Claims the most urgent runnable job (priority, then age) for `worker`, leased for `lease_s`.
-pub async fn claim(pool: &PgPool, worker: &str, lease_s: u64) -> Result<Option<JobRow>, sqlx::Error> {
+pub async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    lease_s: u64,
+) -> Result<Option<JobRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE jobs SET
              state = 'running',
@@ -230,7 +237,11 @@ pub struct NewArtifact {
 
 /// Marks the attempt succeeded and records its artifacts in one transaction. Returns false (and
 /// writes nothing) when the attempt no longer owns the job.
-pub async fn complete(pool: &PgPool, job: &JobRow, artifacts: &[NewArtifact]) -> Result<bool, sqlx::Error> {
+pub async fn complete(
+    pool: &PgPool,
+    job: &JobRow,
+    artifacts: &[NewArtifact],
+) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL,
@@ -275,7 +286,11 @@ pub async fn fail(
     retry_base_s: u64,
 ) -> Result<Option<JobState>, sqlx::Error> {
     let retry = retryable && job.attempt < job.max_attempts;
-    let backoff = if retry { backoff_s(retry_base_s, job.attempt) } else { 0.0 };
+    let backoff = if retry {
+        backoff_s(retry_base_s, job.attempt)
+    } else {
+        0.0
+    };
     let row: Option<(JobState,)> = sqlx::query_as(
         "UPDATE jobs SET
              state = CASE WHEN $3 THEN 'queued' ELSE 'failed' END,

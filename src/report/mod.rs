@@ -35,6 +35,7 @@ pub struct Environment {
     /// Where the evaluation inputs came from: `synthetic` until datasets exist.
     pub inputs: String,
     pub seed: u64,
+    pub batch_size: i64,
     pub dynamic_dim_default: i64,
 }
 

@@ -44,7 +44,9 @@ impl Storage for LocalStorage {
     async fn put_file(&self, key: &str, file: &Path) -> Result<()> {
         let dest = self.path(key)?;
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent).await.map_err(io_err(key))?;
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(io_err(key))?;
         }
         // Rename when the file is on the same filesystem; otherwise copy then remove.
         if tokio::fs::rename(file, &dest).await.is_err() {
@@ -68,7 +70,9 @@ impl Storage for LocalStorage {
         match range {
             None => Ok(Box::pin(ReaderStream::new(file))),
             Some(r) => {
-                file.seek(SeekFrom::Start(r.start)).await.map_err(io_err(key))?;
+                file.seek(SeekFrom::Start(r.start))
+                    .await
+                    .map_err(io_err(key))?;
                 Ok(Box::pin(ReaderStream::new(file.take(r.end - r.start))))
             }
         }
@@ -119,11 +123,23 @@ mod tests {
         store.put_file("a/b/c.bin", &src).await.unwrap();
         assert!(!src.exists(), "the staged file is consumed");
         assert_eq!(store.size("a/b/c.bin").await.unwrap(), 10);
-        assert_eq!(collect(store.read("a/b/c.bin", None).await.unwrap()).await, b"0123456789");
-        assert_eq!(collect(store.read("a/b/c.bin", Some(2..5)).await.unwrap()).await, b"234");
+        assert_eq!(
+            collect(store.read("a/b/c.bin", None).await.unwrap()).await,
+            b"0123456789"
+        );
+        assert_eq!(
+            collect(store.read("a/b/c.bin", Some(2..5)).await.unwrap()).await,
+            b"234"
+        );
         store.delete_prefix("a").await.unwrap();
-        assert!(matches!(store.size("a/b/c.bin").await, Err(StorageError::NotFound(_))));
+        assert!(matches!(
+            store.size("a/b/c.bin").await,
+            Err(StorageError::NotFound(_))
+        ));
         store.delete("a/b/c.bin").await.unwrap();
-        assert!(matches!(store.read("../x", None).await, Err(StorageError::InvalidKey(_))));
+        assert!(matches!(
+            store.read("../x", None).await,
+            Err(StorageError::InvalidKey(_))
+        ));
     }
 }

@@ -22,7 +22,10 @@ use crate::storage;
 
 enum Outcome {
     Succeeded(Vec<NewArtifact>),
-    Failed { error: JobError, retryable: bool },
+    Failed {
+        error: JobError,
+        retryable: bool,
+    },
     Cancelled,
     /// Shutting down: the job goes back to the queue untouched.
     Released,
@@ -42,7 +45,10 @@ fn failed(code: &str, message: impl Into<String>, retryable: bool) -> Outcome {
 
 pub async fn run(ctx: &WorkerContext, job: JobRow, shutdown: &CancellationToken) {
     tracing::info!(model_id = %job.model_id, "job attempt started");
-    let scratch = ctx.config.scratch_dir().join(format!("{}-{}", job.id, job.attempt));
+    let scratch = ctx
+        .config
+        .scratch_dir()
+        .join(format!("{}-{}", job.id, job.attempt));
     let outcome = match tokio::fs::create_dir_all(&scratch).await {
         Ok(()) => execute(ctx, &job, &scratch, shutdown).await,
         Err(e) => failed("io_error", format!("creating scratch space: {e}"), true),
@@ -70,7 +76,8 @@ async fn record(ctx: &WorkerContext, job: &JobRow, outcome: Outcome) -> Result<(
         }
         Outcome::Failed { error, retryable } => {
             discard_uploads(ctx, job).await;
-            let state = queue::fail(pool, job, &error, retryable, ctx.config.worker.retry_base_s).await?;
+            let state =
+                queue::fail(pool, job, &error, retryable, ctx.config.worker.retry_base_s).await?;
             tracing::warn!(code = %error.code, message = %error.message, ?state, "job attempt failed");
         }
         Outcome::Cancelled => {
@@ -92,13 +99,22 @@ async fn record(ctx: &WorkerContext, job: &JobRow, outcome: Outcome) -> Result<(
 }
 
 async fn discard_uploads(ctx: &WorkerContext, job: &JobRow) {
-    let prefix = format!("{}/{}", storage::job_prefix(job.tenant_id, job.id), job.attempt);
+    let prefix = format!(
+        "{}/{}",
+        storage::job_prefix(job.tenant_id, job.id),
+        job.attempt
+    );
     if let Err(e) = ctx.storage.delete_prefix(&prefix).await {
         tracing::warn!(error = %e, "removing this attempt's uploads failed");
     }
 }
 
-async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &CancellationToken) -> Outcome {
+async fn execute(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    scratch: &Path,
+    shutdown: &CancellationToken,
+) -> Outcome {
     let model = match db::models::get(&ctx.pool, job.tenant_id, job.model_id).await {
         Ok(Some(m)) => m,
         Ok(None) => return failed("model_missing", "the job's model was deleted", false),
@@ -109,9 +125,25 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
         return failed("storage_error", format!("fetching the model: {e}"), true);
     }
     let out_dir = scratch.join("out");
-    let mut child = match spawn(ctx, job, &input, &out_dir) {
+    // The child reads exactly the configuration this worker runs with (file, env and overrides).
+    let config_path = scratch.join("config.toml");
+    let written = toml::to_string(ctx.config.as_ref()).map_err(std::io::Error::other);
+    if let Err(e) = async { tokio::fs::write(&config_path, written?).await }.await {
+        return failed(
+            "io_error",
+            format!("writing the job's configuration: {e}"),
+            true,
+        );
+    }
+    let mut child = match spawn(ctx, job, &config_path, &input, &out_dir) {
         Ok(c) => c,
-        Err(e) => return failed("runtime_crashed", format!("starting the job process {}: {e}", ctx.runner.display()), true),
+        Err(e) => {
+            return failed(
+                "runtime_crashed",
+                format!("starting the job process {}: {e}", ctx.runner.display()),
+                true,
+            );
+        }
     };
 
     let progress: Arc<Mutex<Option<(String, f32)>>> = Arc::default();
@@ -137,19 +169,29 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
     if status.success() {
         return store_artifacts(ctx, job, &out_dir).await;
     }
-    if let Some(Event::Error { code, message, retryable }) = error.lock().unwrap().take() {
+    if let Some(Event::Error {
+        code,
+        message,
+        retryable,
+    }) = error.lock().unwrap().take()
+    {
         return failed(&code, message, retryable);
     }
     let tail: Vec<String> = stderr_tail.lock().unwrap().iter().cloned().collect();
     failed("runtime_crashed", crash_message(status, &tail), true)
 }
 
-fn spawn(ctx: &WorkerContext, job: &JobRow, input: &Path, out_dir: &Path) -> std::io::Result<Child> {
+fn spawn(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    config: &Path,
+    input: &Path,
+    out_dir: &Path,
+) -> std::io::Result<Child> {
     let mut cmd = Command::new(&ctx.runner);
-    if let Some(file) = &ctx.config_file {
-        cmd.arg("--config").arg(file);
-    }
-    cmd.arg("compress")
+    cmd.arg("--config")
+        .arg(config)
+        .arg("compress")
         .arg(input)
         .arg("--recipe")
         .arg(job.recipe.0.to_string())
@@ -220,11 +262,17 @@ async fn supervise(
     }
 }
 
-async fn read_events(stdout: tokio::process::ChildStdout, progress: Arc<Mutex<Option<(String, f32)>>>, error: Arc<Mutex<Option<Event>>>) {
+async fn read_events(
+    stdout: tokio::process::ChildStdout,
+    progress: Arc<Mutex<Option<(String, f32)>>>,
+    error: Arc<Mutex<Option<Event>>>,
+) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Progress { stage, percent }) => *progress.lock().unwrap() = Some((stage, percent)),
+            Ok(Event::Progress { stage, percent }) => {
+                *progress.lock().unwrap() = Some((stage, percent))
+            }
             Ok(e @ Event::Error { .. }) => *error.lock().unwrap() = Some(e),
             Ok(Event::Done) => {}
             Err(_) => tracing::debug!(line, "job process output"),
@@ -249,7 +297,9 @@ fn crash_message(status: ExitStatus, tail: &[String]) -> String {
     use std::os::unix::process::ExitStatusExt;
     let how = match (status.code(), status.signal()) {
         (_, Some(sig)) => format!("the job process was killed by signal {sig}"),
-        (Some(code), _) => format!("the job process exited with status {code} without reporting an error"),
+        (Some(code), _) => {
+            format!("the job process exited with status {code} without reporting an error")
+        }
         _ => "the job process ended abnormally".to_string(),
     };
     match tail.last() {
@@ -260,11 +310,20 @@ fn crash_message(status: ExitStatus, tail: &[String]) -> String {
 
 async fn store_artifacts(ctx: &WorkerContext, job: &JobRow, out_dir: &Path) -> Outcome {
     let mut stored = Vec::new();
-    for (name, content_type) in [(MODEL_ARTIFACT, "application/octet-stream"), (REPORT_ARTIFACT, "application/json")] {
+    for (name, content_type) in [
+        (MODEL_ARTIFACT, "application/octet-stream"),
+        (REPORT_ARTIFACT, "application/json"),
+    ] {
         let path: PathBuf = out_dir.join(name);
         let (size, sha256) = match storage::hash_file(&path).await {
             Ok(h) => h,
-            Err(e) => return failed("pass_failed", format!("the job process did not write {name}: {e}"), false),
+            Err(e) => {
+                return failed(
+                    "pass_failed",
+                    format!("the job process did not write {name}: {e}"),
+                    false,
+                );
+            }
         };
         let key = storage::artifact_key(job.tenant_id, job.id, job.attempt, name);
         if let Err(e) = ctx.storage.put_file(&key, &path).await {

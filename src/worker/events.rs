@@ -5,8 +5,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Progress { stage: String, percent: f32 },
-    Error { code: String, message: String, retryable: bool },
+    Progress {
+        stage: String,
+        percent: f32,
+    },
+    Error {
+        code: String,
+        message: String,
+        retryable: bool,
+    },
     Done,
 }
 

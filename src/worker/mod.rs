@@ -28,13 +28,15 @@ pub struct WorkerContext {
     pub config: Arc<Config>,
     /// Program run as `<runner> [--config FILE] compress ... --events` for each attempt.
     pub runner: PathBuf,
-    /// Config file the child should read, when the parent was given one.
-    pub config_file: Option<PathBuf>,
     pub worker_id: String,
 }
 
 impl WorkerContext {
-    pub fn new(pool: PgPool, storage: Arc<dyn Storage>, config: Arc<Config>, config_file: Option<PathBuf>) -> std::io::Result<Self> {
+    pub fn new(
+        pool: PgPool,
+        storage: Arc<dyn Storage>,
+        config: Arc<Config>,
+    ) -> std::io::Result<Self> {
         let runner = if config.worker.runner.is_empty() {
             std::env::current_exe()?
         } else {
@@ -46,8 +48,11 @@ impl WorkerContext {
             storage,
             config,
             runner,
-            config_file,
-            worker_id: format!("{host}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().to_string()[..8]),
+            worker_id: format!(
+                "{host}:{}:{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().to_string()[..8]
+            ),
         })
     }
 }
@@ -94,7 +99,10 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
         }
     }
-    tracing::info!(running = running.len(), "worker stopping; waiting for running jobs");
+    tracing::info!(
+        running = running.len(),
+        "worker stopping; waiting for running jobs"
+    );
     while running.join_next().await.is_some() {}
     rescuer.abort();
     tracing::info!("worker stopped");
@@ -128,7 +136,9 @@ async fn wait_for_notification(listener: &mut Option<PgListener>) {
 }
 
 async fn rescue_loop(ctx: WorkerContext, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(ctx.config.worker.rescue_interval_s.max(1)));
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        ctx.config.worker.rescue_interval_s.max(1),
+    ));
     loop {
         tokio::select! {
             _ = tick.tick() => {}

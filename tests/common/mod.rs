@@ -1,0 +1,223 @@
+//! Test harness: the whole service (HTTP API + workers running real job processes) on a random
+//! port, against the fresh database `#[sqlx::test]` made for the test.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use modelpress::config::Config;
+use modelpress::service::{self, ServiceOptions};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub config: Arc<Config>,
+    pub data_dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Defaults for tests: short evaluation, fast polling, job processes run by the binary under test.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    let mut config = Config::defaults();
+    config.server.data_dir = data_dir.to_path_buf();
+    config.worker.runner = env!("CARGO_BIN_EXE_modelpress").into();
+    config.worker.poll_interval_ms = 200;
+    config.worker.rescue_interval_s = 1;
+    config.eval.warmup_runs = 1;
+    config.eval.timed_runs = 5;
+    config
+}
+
+impl TestApp {
+    pub async fn spawn(pool: PgPool) -> TestApp {
+        Self::spawn_with(pool, true, |_| {}).await
+    }
+
+    /// An API without workers: jobs stay queued, for tests about the queue's API side.
+    pub async fn spawn_without_workers(pool: PgPool) -> TestApp {
+        Self::spawn_with(pool, false, |_| {}).await
+    }
+
+    pub async fn spawn_with(
+        pool: PgPool,
+        workers: bool,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(data_dir.path());
+        tweak(&mut config);
+        let config = Arc::new(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let options = ServiceOptions {
+            listener: Some(listener),
+            workers,
+        };
+        let task = tokio::spawn({
+            let (config, pool, shutdown) = (config.clone(), pool.clone(), shutdown.clone());
+            async move { service::run(config, pool, options, shutdown).await.unwrap() }
+        });
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            pool,
+            config,
+            data_dir,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn upload(&self, bytes: Vec<u8>) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/models"))
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Uploads and returns the model id, asserting success.
+    pub async fn upload_ok(&self, bytes: Vec<u8>) -> String {
+        let r = self.upload(bytes).await;
+        assert_eq!(
+            r.status(),
+            201,
+            "upload failed: {}",
+            r.text().await.unwrap()
+        );
+        r.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub async fn submit(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn submit_ok(&self, model_id: &str, recipe: Value) -> Value {
+        let r = self
+            .submit(serde_json::json!({"model_id": model_id, "recipe": recipe}))
+            .await;
+        assert_eq!(
+            r.status(),
+            201,
+            "submit failed: {}",
+            r.text().await.unwrap()
+        );
+        r.json().await.unwrap()
+    }
+
+    /// Polls the job until it reaches a terminal state (or panics after two minutes).
+    pub async fn wait_for_job(&self, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let job: Value = self
+                .get(&format!("/v1/jobs/{id}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()) {
+                return job;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "job {id} did not finish: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Files anywhere under the data folder (object store, staging, scratch).
+    pub fn stored_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.is_dir() {
+                    walk(&p, out)
+                } else {
+                    out.push(p)
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(self.data_dir.path(), &mut files);
+        files
+    }
+
+    /// Stops the service and waits for it: workers finish or release their jobs.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Asserts the API's error shape and code.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> String {
+    let got = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let text = response.text().await.unwrap();
+    assert_eq!(got, status, "expected {status} {code}, got {got}: {text}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "error without JSON content type: {content_type}"
+    );
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    assert_eq!(body["error"]["code"], code, "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message is a string");
+    assert!(!message.is_empty());
+    message.to_string()
+}
+
+pub fn tiny_mlp_bytes(seed: u64) -> Vec<u8> {
+    modelpress::onnx::encode(&modelpress::onnx::builder::tiny_mlp(seed))
+}
+
+/// The project's Python environment (onnx, onnxruntime), installed by `make setup`.
+pub fn python() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make setup` (make test does it)",
+        p.display()
+    );
+    p
+}

@@ -1,0 +1,59 @@
+//! Cross-cutting HTTP behaviour: health, readiness, request ids, and one error format everywhere.
+
+mod common;
+
+use common::{TestApp, assert_error};
+use serde_json::Value;
+use sqlx::PgPool;
+
+#[sqlx::test]
+async fn health_and_readiness_report_the_database_and_onnx_runtime(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    let health: Value = app.get("/healthz").await.json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status(), 200);
+    let ready: Value = r.json().await.unwrap();
+    assert_eq!(ready["database"], "ok");
+    assert!(
+        ready["onnxruntime"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with("1.31"),
+        "{ready}"
+    );
+}
+
+#[sqlx::test]
+async fn readiness_fails_when_the_database_is_gone(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool.clone()).await;
+    pool.close().await;
+    let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
+    assert!(message.contains("database"), "{message}");
+}
+
+#[sqlx::test]
+async fn unknown_routes_and_methods_use_the_error_format(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    assert_error(app.get("/v1/nothing-here").await, 404, "not_found").await;
+    let r = app.client.put(app.url("/v1/models")).send().await.unwrap();
+    assert_error(r, 405, "method_not_allowed").await;
+    let r = app.client.delete(app.url("/v1/jobs")).send().await.unwrap();
+    assert_error(r, 405, "method_not_allowed").await;
+}
+
+#[sqlx::test]
+async fn every_response_carries_a_request_id_and_echoes_the_clients(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    let r = app.get("/healthz").await;
+    let generated = r.headers()["x-request-id"].to_str().unwrap();
+    assert_eq!(generated.len(), 36, "a UUID: {generated}");
+    let r = app
+        .client
+        .get(app.url("/v1/nothing"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+}
