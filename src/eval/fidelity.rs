@@ -93,7 +93,8 @@ fn output_fidelity(name: &str, a: &[f64], b: &[f64]) -> OutputFidelity {
     } else if na == 0.0 || nb == 0.0 {
         0.0
     } else {
-        dot / (na.sqrt() * nb.sqrt())
+        // Rounding can push the ratio a hair past ±1.
+        (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0)
     };
     OutputFidelity {
         name: name.to_string(),

@@ -1,0 +1,36 @@
+# ModelPress: `make run` starts the service, `make test` runs every test. Both install what they
+# need first (the Python environment that carries ONNX Runtime; a local PostgreSQL if none is up).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+
+.PHONY: help setup run test lint check build clean-data
+
+help:
+	@echo "make run    - build and serve on 127.0.0.1:8080 (API + workers)"
+	@echo "make test   - lint, then all tests against a real PostgreSQL and ONNX Runtime"
+	@echo "make setup  - install the project-local Python env (.venv) with ONNX Runtime 1.31"
+	@echo "make lint   - rustfmt and clippy (-D warnings)"
+
+setup:
+	@scripts/ensure-python.sh
+
+build:
+	$(CARGO) build --release
+
+run: setup
+	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
+	  $(CARGO) run --release -- serve
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: setup lint
+	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
+	  $(CARGO) test --all-targets
+
+check: test
+
+clean-data:
+	rm -rf data
