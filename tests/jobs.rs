@@ -137,6 +137,7 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
     );
     assert_eq!(fidelity["outputs"][0]["name"], "logits");
     assert_eq!(report["passes"][0]["pass"], "optimize");
+    app.stop().await;
 }
 
 #[sqlx::test]
@@ -181,6 +182,7 @@ async fn a_model_onnx_runtime_cannot_load_fails_with_a_clear_code_and_no_retry(p
         app.wait_for_job(job["id"].as_str().unwrap()).await["state"],
         "succeeded"
     );
+    app.stop().await;
 }
 
 #[sqlx::test]

@@ -221,7 +221,9 @@ async fn supervise(
 ) -> Result<ExitStatus, Outcome> {
     let cfg = &ctx.config.worker;
     let deadline = Instant::now() + Duration::from_secs(cfg.job_timeout_s);
-    let renew_every = Duration::from_secs_f64(cfg.lease_s as f64 / 3.0);
+    // Renewing also reads cancel_requested, so renew often enough that a cancel lands within
+    // about a second, and at least three times per lease.
+    let renew_every = Duration::from_secs_f64((cfg.lease_s as f64 / 3.0).min(1.0));
     let mut last_renewal = Instant::now();
     let mut reported: Option<(String, f32)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));

@@ -168,7 +168,9 @@ impl TestApp {
         files
     }
 
-    /// Stops the service and waits for it: workers finish or release their jobs.
+    /// Stops the service and waits for it: workers finish or release their jobs and close their
+    /// LISTEN connection. Tests that run workers end with this, so `#[sqlx::test]` can drop the
+    /// test database (it refuses while a connection outside its pool is still open).
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
@@ -220,4 +222,52 @@ pub fn python() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A connection string for the test's own database, for processes started by the test.
+pub fn database_url(pool: &PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().expect("sqlx::test names its database")
+    )
+}
+
+/// An executable stand-in for the job process, for tests about what the worker does when the
+/// real one crashes, hangs or is slow. It ignores its arguments.
+pub fn fake_runner(dir: &std::path::Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_string_lossy().to_string()
+}
+
+/// Polls the job until `pred` holds (or panics after `secs`).
+pub async fn wait_until(
+    app: &TestApp,
+    id: &str,
+    secs: u64,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = Instant::now();
+    loop {
+        let job: Value = app
+            .get(&format!("/v1/jobs/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if pred(&job) {
+            return job;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "job {id} never reached the expected state: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

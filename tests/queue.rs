@@ -1,0 +1,339 @@
+//! The job queue under trouble: lost leases, crashes, retries, cancellation, timeouts, shutdown and
+//! killed workers. Real PostgreSQL, real processes.
+
+mod common;
+
+use common::{TestApp, database_url, fake_runner, tiny_mlp_bytes, wait_until};
+use modelpress::db::DEFAULT_TENANT;
+use modelpress::queue::{self, JobError, JobState, Lease, NewJob};
+use serde_json::json;
+use sqlx::PgPool;
+
+async fn queued_job(pool: &PgPool, app: &TestApp, max_attempts: i32) -> uuid::Uuid {
+    let model_id: uuid::Uuid = app.upload_ok(tiny_mlp_bytes(1)).await.parse().unwrap();
+    let recipe = json!([{"pass": "optimize", "level": "extended"}]);
+    let job = queue::enqueue(
+        pool,
+        NewJob {
+            tenant_id: DEFAULT_TENANT,
+            model_id,
+            recipe: &recipe,
+            priority: 0,
+            max_attempts,
+        },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    job.id
+}
+
+async fn expire_lease(pool: &PgPool, id: uuid::Uuid) {
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test]
+async fn a_worker_whose_lease_was_taken_over_cannot_complete_the_job(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool.clone()).await;
+    let id = queued_job(&pool, &app, 3).await;
+
+    let first = queue::claim(&pool, "worker-a", 60)
+        .await
+        .unwrap()
+        .expect("a queued job is claimable");
+    assert_eq!(
+        (first.id, first.attempt, first.state),
+        (id, 1, JobState::Running)
+    );
+    assert!(
+        queue::claim(&pool, "worker-b", 60).await.unwrap().is_none(),
+        "a leased job is not claimed twice"
+    );
+
+    expire_lease(&pool, id).await;
+    assert_eq!(queue::rescue_expired(&pool).await.unwrap(), 1);
+    let second = queue::claim(&pool, "worker-b", 60).await.unwrap().unwrap();
+    assert_eq!(second.attempt, 2);
+
+    assert_eq!(
+        queue::heartbeat(&pool, id, first.attempt, 60, None)
+            .await
+            .unwrap(),
+        Lease::Lost
+    );
+    assert!(
+        !queue::complete(&pool, &first, &[]).await.unwrap(),
+        "the fenced-out attempt must not complete"
+    );
+    assert_eq!(
+        queue::heartbeat(&pool, id, second.attempt, 60, Some(("x", 50.0)))
+            .await
+            .unwrap(),
+        Lease::Held
+    );
+    assert!(queue::complete(&pool, &second, &[]).await.unwrap());
+
+    let job = queue::get(&pool, DEFAULT_TENANT, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(job.attempt_errors.0.len(), 1);
+    assert_eq!(job.attempt_errors.0[0].code, "lease_expired");
+}
+
+#[sqlx::test]
+async fn retryable_failures_back_off_then_end_failed_keeping_every_error(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool.clone()).await;
+    let id = queued_job(&pool, &app, 3).await;
+    let error = |n: i32| JobError {
+        code: "io_error".into(),
+        message: format!("disk hiccup {n}"),
+    };
+
+    for attempt in 1..=3 {
+        let job = queue::claim(&pool, "w", 60)
+            .await
+            .unwrap()
+            .expect("runnable");
+        assert_eq!(job.attempt, attempt);
+        let state = queue::fail(&pool, &job, &error(attempt), true, 10)
+            .await
+            .unwrap();
+        if attempt < 3 {
+            assert_eq!(state, Some(JobState::Queued));
+            // Backed off: not runnable until scheduled_at, which lies in the future.
+            assert!(queue::claim(&pool, "w", 60).await.unwrap().is_none());
+            let row = queue::get(&pool, DEFAULT_TENANT, id)
+                .await
+                .unwrap()
+                .unwrap();
+            let delay = (row.scheduled_at - chrono::Utc::now()).num_milliseconds() as f64 / 1e3;
+            let base = 10.0 * 2f64.powi(attempt - 1);
+            assert!(
+                delay > base - 1.0 && delay <= base * 1.25,
+                "attempt {attempt}: backoff {delay}s"
+            );
+            sqlx::query("UPDATE jobs SET scheduled_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+        } else {
+            assert_eq!(state, Some(JobState::Failed));
+        }
+    }
+    let job = queue::get(&pool, DEFAULT_TENANT, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.error.unwrap().0, error(3));
+    let messages: Vec<String> = job
+        .attempt_errors
+        .0
+        .iter()
+        .map(|e| e.message.clone())
+        .collect();
+    assert_eq!(
+        messages,
+        vec!["disk hiccup 1", "disk hiccup 2", "disk hiccup 3"]
+    );
+}
+
+#[sqlx::test]
+async fn a_fatal_failure_ends_the_job_at_once(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool.clone()).await;
+    let id = queued_job(&pool, &app, 3).await;
+    let job = queue::claim(&pool, "w", 60).await.unwrap().unwrap();
+    let error = JobError {
+        code: "pass_failed".into(),
+        message: "bad".into(),
+    };
+    assert_eq!(
+        queue::fail(&pool, &job, &error, false, 1).await.unwrap(),
+        Some(JobState::Failed)
+    );
+    assert_eq!(
+        queue::get(&pool, DEFAULT_TENANT, id)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempt,
+        1
+    );
+}
+
+#[sqlx::test]
+async fn a_job_process_that_crashes_fails_with_runtime_crashed_after_its_attempts(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(
+        scripts.path(),
+        "crash.sh",
+        "echo 'about to crash' >&2\nkill -SEGV $$",
+    );
+    let app = TestApp::spawn_with(pool, true, |c| {
+        c.worker.runner = runner;
+        c.worker.retry_base_s = 0;
+    })
+    .await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(2)).await;
+    let r = app
+        .submit(json!({"model_id": model_id, "recipe": [{"pass": "optimize"}], "max_attempts": 2}))
+        .await;
+    let job: serde_json::Value = r.json().await.unwrap();
+
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["error"]["code"], "runtime_crashed");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("signal 11") && message.contains("about to crash"),
+        "{message}"
+    );
+    assert_eq!(job["attempt_errors"].as_array().unwrap().len(), 2);
+    assert_eq!(job["artifacts"], json!([]));
+    assert_eq!(
+        app.get("/healthz").await.status(),
+        200,
+        "the server survives"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test]
+async fn a_running_job_is_cancelled_within_seconds_and_leaves_no_artifacts(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(
+        scripts.path(),
+        "slow.sh",
+        r#"echo '{"event":"progress","stage":"pass:slow","percent":20}'; exec sleep 60"#,
+    );
+    let app = TestApp::spawn_with(pool, true, |c| c.worker.runner = runner).await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(3)).await;
+    let job = app
+        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let running = wait_until(&app, &id, 10, |j| j["progress"]["stage"] == "pass:slow").await;
+    assert_eq!(running["state"], "running");
+    assert_eq!(running["progress"]["percent"], 20.0);
+
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let requested: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(requested["cancel_requested"], true);
+
+    let job = wait_until(&app, &id, 5, |j| j["state"] != "running").await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["artifacts"], json!([]));
+    app.stop().await;
+}
+
+#[sqlx::test]
+async fn an_attempt_past_its_time_limit_fails_with_timeout(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(scripts.path(), "hang.sh", "exec sleep 60");
+    let app = TestApp::spawn_with(pool, true, |c| {
+        c.worker.runner = runner;
+        c.worker.job_timeout_s = 1;
+    })
+    .await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(4)).await;
+    let job = app
+        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
+        .await;
+
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+
+    assert_eq!(job["state"], "failed");
+    assert_eq!(job["error"]["code"], "timeout");
+    assert_eq!(job["attempts"], 1, "a timeout is not retried");
+    app.stop().await;
+}
+
+#[sqlx::test]
+async fn shutdown_hands_a_running_job_back_to_the_queue(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(scripts.path(), "slow.sh", "exec sleep 60");
+    let app = TestApp::spawn_with(pool.clone(), true, |c| {
+        c.worker.runner = runner;
+        c.server.shutdown_grace_s = 0;
+    })
+    .await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(5)).await;
+    let job = app
+        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_until(&app, &id, 10, |j| j["state"] == "running").await;
+
+    app.stop().await;
+
+    let row = queue::get(&pool, DEFAULT_TENANT, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, JobState::Queued, "released, not failed or lost");
+    assert_eq!(row.attempt, 0, "a released attempt is not spent");
+    assert!(row.worker_id.is_none() && row.lease_expires_at.is_none());
+}
+
+#[sqlx::test]
+async fn a_worker_killed_mid_job_costs_one_lease_not_the_job(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(scripts.path(), "slow.sh", "exec sleep 60");
+    // An API without workers to submit through, and a separate worker process that will die.
+    let api = TestApp::spawn_without_workers(pool.clone()).await;
+    let model_id = api.upload_ok(tiny_mlp_bytes(6)).await;
+    let job = api
+        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut doomed = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+            .arg("worker")
+            .env("DATABASE_URL", database_url(&pool))
+            .env("MODELPRESS_WORKER__RUNNER", &runner)
+            .env("MODELPRESS_WORKER__LEASE_S", "3")
+            .env("MODELPRESS_SERVER__DATA_DIR", api.data_dir.path())
+            .env("MODELPRESS_DATABASE__MAX_CONNECTIONS", "4")
+            .spawn()
+            .unwrap(),
+    );
+    let claimed = wait_until(&api, &id, 30, |j| j["progress"]["stage"] == "starting").await;
+    assert_eq!(claimed["attempts"], 1);
+
+    doomed.0.kill().unwrap(); // SIGKILL: no cleanup, no release
+    doomed.0.wait().unwrap();
+
+    // A healthy worker (real job process, same storage) rescues the job once the lease expires.
+    let shared = api.data_dir.path().to_path_buf();
+    let rescuer = TestApp::spawn_with(pool.clone(), true, |c| c.server.data_dir = shared).await;
+    let job = rescuer.wait_for_job(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["attempt_errors"][0]["code"], "lease_expired");
+    rescuer.stop().await;
+}
+
+/// Kills the process if the test fails before it does, so no worker outlives its test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
