@@ -59,6 +59,8 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     pub rescue_interval_s: u64,
     pub job_timeout_s: u64,
+    pub max_job_timeout_s: u64,
+    pub job_memory_limit_mb: u64,
     pub max_attempts: i32,
     pub retry_base_s: u64,
     pub runner: String,
@@ -85,10 +87,7 @@ impl Config {
         let mut figment = Figment::from(Toml::string(DEFAULTS));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    file.display()
-                )));
+                return Err(ConfigError(format!("config file {} does not exist", file.display())));
             }
             figment = figment.merge(Toml::file(file));
         }
@@ -120,19 +119,18 @@ impl Config {
                 "worker.concurrency must be >= 1 and worker.lease_s >= 3".into(),
             ));
         }
-        if !(1..=10).contains(&self.worker.max_attempts) {
+        if !(1..=i32::MAX as u64).contains(&self.worker.max_job_timeout_s) || self.worker.job_timeout_s == 0 {
             return Err(ConfigError(
-                "worker.max_attempts must be within 1..=10".into(),
+                "worker.job_timeout_s and worker.max_job_timeout_s must be within 1..=2^31-1".into(),
             ));
         }
-        if self.eval.timed_runs == 0
-            || self.eval.threads == 0
-            || self.eval.dynamic_dim < 1
-            || self.eval.batch_size < 1
+        if !(1..=10).contains(&self.worker.max_attempts) {
+            return Err(ConfigError("worker.max_attempts must be within 1..=10".into()));
+        }
+        if self.eval.timed_runs == 0 || self.eval.threads == 0 || self.eval.dynamic_dim < 1 || self.eval.batch_size < 1
         {
             return Err(ConfigError(
-                "eval.timed_runs, eval.threads, eval.batch_size and eval.dynamic_dim must be >= 1"
-                    .into(),
+                "eval.timed_runs, eval.threads, eval.batch_size and eval.dynamic_dim must be >= 1".into(),
             ));
         }
         if self.eval.dim_overrides.values().any(|&v| v < 1) {

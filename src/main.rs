@@ -19,11 +19,7 @@ use modelpress::worker::events::Event;
 use modelpress::{db, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "modelpress",
-    version,
-    about = "ONNX model compression as a service"
-)]
+#[command(name = "modelpress", version, about = "ONNX model compression as a service")]
 struct Cli {
     /// A TOML file layered over the built-in defaults (config/default.toml documents every key).
     #[arg(long, global = true, env = "MODELPRESS_CONFIG")]
@@ -133,12 +129,7 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
     };
     let pool = db::connect(&config.database.url, config.database.max_connections)
         .await
-        .with_context(|| {
-            format!(
-                "connecting to PostgreSQL at {}",
-                redact(&config.database.url)
-            )
-        })?;
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&config.database.url)))?;
     if config.database.migrate_on_start {
         db::migrate(&pool).await.context("running migrations")?;
     }

@@ -96,22 +96,17 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     let steps = recipe.0.len();
     for (i, spec) in recipe.0.iter().enumerate() {
         let pass = spec.build();
-        progress(
-            &format!("pass:{}", pass.name()),
-            10.0 + 40.0 * i as f32 / steps as f32,
-        );
+        progress(&format!("pass:{}", pass.name()), 10.0 + 40.0 * i as f32 / steps as f32);
         let next = work.path().join(format!("step-{i}.onnx"));
         let ctx = PassContext {
             runtime,
             work_dir: work.path(),
         };
         let start = Instant::now();
-        let out = pass
-            .run(&current, &next, &ctx)
-            .map_err(|e| PipelineError::Pass {
-                pass: pass.name().into(),
-                message: e.0,
-            })?;
+        let out = pass.run(&current, &next, &ctx).map_err(|e| PipelineError::Pass {
+            pass: pass.name().into(),
+            message: e.0,
+        })?;
         passes.push(PassRecord {
             pass: pass.name().into(),
             duration_ms: start.elapsed().as_secs_f64() * 1e3,
@@ -138,37 +133,31 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     };
     let tensors = inputs::synthetic(&original_summary.inputs, eval.seed, &dims)
         .map_err(|e| PipelineError::Evaluation(e.to_string()))?;
-    let prepared =
-        PreparedInputs::new(&tensors).map_err(|e| PipelineError::Evaluation(e.to_string()))?;
+    let prepared = PreparedInputs::new(&tensors).map_err(|e| PipelineError::Evaluation(e.to_string()))?;
     let eval_err = |e: RuntimeError| PipelineError::Evaluation(e.to_string());
 
     let mut session = runtime.session(model, eval.threads).map_err(eval_err)?;
     let reference = prepared.run_and_collect(&mut session).map_err(eval_err)?;
     let original_latency =
-        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs)
-            .map_err(eval_err)?;
+        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs).map_err(eval_err)?;
     let again = prepared.run_and_collect(&mut session).map_err(eval_err)?;
     drop(session);
     let noise_floor = compare(&reference, &again)?;
 
     progress("evaluate:result", 75.0);
-    let mut session =
-        runtime
-            .session(&result_path, eval.threads)
-            .map_err(|e| PipelineError::Pass {
-                pass: "recipe".into(),
-                message: format!("ONNX Runtime cannot load the result: {e}"),
-            })?;
+    let mut session = runtime
+        .session(&result_path, eval.threads)
+        .map_err(|e| PipelineError::Pass {
+            pass: "recipe".into(),
+            message: format!("ONNX Runtime cannot load the result: {e}"),
+        })?;
     let produced = prepared.run_and_collect(&mut session).map_err(eval_err)?;
     let result_latency =
-        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs)
-            .map_err(eval_err)?;
+        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs).map_err(eval_err)?;
     drop(session);
     let result_fidelity = compare(&reference, &produced)?;
     if reference.iter().any(|o| o.values.is_none()) {
-        warnings.push(
-            "some outputs are not numeric tensors; fidelity covers the numeric ones only".into(),
-        );
+        warnings.push("some outputs are not numeric tensors; fidelity covers the numeric ones only".into());
     }
 
     let size = |p: &Path| {
@@ -199,12 +188,7 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
             dynamic_dim_default: eval.dynamic_dim,
         },
         inputs: tensors.iter().map(|t| t.describe()).collect(),
-        original: measurement(
-            size(model)?,
-            original_summary.parameters,
-            original_latency,
-            noise_floor,
-        ),
+        original: measurement(size(model)?, original_summary.parameters, original_latency, noise_floor),
         result: measurement(
             size(&result_path)?,
             result_summary.parameters,
@@ -219,10 +203,7 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     Ok(report)
 }
 
-fn compare(
-    reference: &[OutputTensor],
-    candidate: &[OutputTensor],
-) -> Result<Fidelity, PipelineError> {
+fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, PipelineError> {
     fidelity::compare(reference, candidate).map_err(|e| PipelineError::Evaluation(e.to_string()))
 }
 

@@ -23,8 +23,7 @@ pub struct ServiceOptions {
 
 pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     let root = config.storage_root();
-    let local = LocalStorage::new(&root)
-        .with_context(|| format!("opening local storage at {}", root.display()))?;
+    let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
     Ok(Arc::new(local))
 }
 
@@ -36,9 +35,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let storage = storage(&config)?;
     let dylib = config.onnxruntime.dylib_path.clone();
-    let runtime =
-        tokio::task::spawn_blocking(move || Runtime::init(&dylib).map_err(|e| e.to_string()))
-            .await?;
+    let runtime = tokio::task::spawn_blocking(move || Runtime::init(&dylib).map_err(|e| e.to_string())).await?;
     if let Err(e) = &runtime {
         tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
     }

@@ -16,10 +16,7 @@ async fn health_and_readiness_report_the_database_and_onnx_runtime(pool: PgPool)
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["database"], "ok");
     assert!(
-        ready["onnxruntime"]["version"]
-            .as_str()
-            .unwrap()
-            .starts_with("1.31"),
+        ready["onnxruntime"]["version"].as_str().unwrap().starts_with("1.31"),
         "{ready}"
     );
 }

@@ -15,25 +15,14 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
     let model_id = app.upload_ok(tiny_mlp_bytes(11)).await;
 
     let r = app
-        .submit(
-            json!({"model_id": model_id, "recipe": [{"pass": "optimize", "level": "extended"}]}),
-        )
+        .submit(json!({"model_id": model_id, "recipe": [{"pass": "optimize", "level": "extended"}]}))
         .await;
     assert_eq!(r.status(), 201);
     let location = r.headers()["location"].to_str().unwrap().to_string();
     let job: Value = r.json().await.unwrap();
-    assert_eq!(
-        location,
-        format!("/v1/jobs/{}", job["id"].as_str().unwrap())
-    );
-    assert!(
-        ["queued", "running"].contains(&job["state"].as_str().unwrap()),
-        "{job}"
-    );
-    assert_eq!(
-        job["recipe"],
-        json!([{"pass": "optimize", "level": "extended"}])
-    );
+    assert_eq!(location, format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    assert!(["queued", "running"].contains(&job["state"].as_str().unwrap()), "{job}");
+    assert_eq!(job["recipe"], json!([{"pass": "optimize", "level": "extended"}]));
 
     let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
 
@@ -58,19 +47,13 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
         .bytes()
         .await
         .unwrap();
-    assert_eq!(
-        bytes.len() as u64,
-        model_artifact["size_bytes"].as_u64().unwrap()
-    );
+    assert_eq!(bytes.len() as u64, model_artifact["size_bytes"].as_u64().unwrap());
     assert_eq!(
         hex::encode(Sha256::digest(&bytes)),
         model_artifact["sha256"].as_str().unwrap()
     );
     let dir = tempfile::tempdir().unwrap();
-    let (original, compressed) = (
-        dir.path().join("original.onnx"),
-        dir.path().join("model.onnx"),
-    );
+    let (original, compressed) = (dir.path().join("original.onnx"), dir.path().join("model.onnx"));
     std::fs::write(&original, tiny_mlp_bytes(11)).unwrap();
     std::fs::write(&compressed, &bytes).unwrap();
     let check = Command::new(python())
@@ -89,11 +72,7 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
         .arg(&compressed)
         .output()
         .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
 
     // The report measures the original and the result.
     let report: Value = app
@@ -112,10 +91,7 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
     );
     assert_eq!(report["original"]["size_bytes"], tiny_mlp_bytes(11).len());
     assert_eq!(report["result"]["size_bytes"], bytes.len());
-    assert_eq!(
-        report["original"]["parameters"],
-        16 * 32 + 32 + 32 * 10 + 10
-    );
+    assert_eq!(report["original"]["parameters"], 16 * 32 + 32 + 32 * 10 + 10);
     for side in ["original", "result"] {
         let latency = &report[side]["latency"];
         let (p50, p90, p99) = (
@@ -127,14 +103,8 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
         assert_eq!(latency["runs"], 5);
     }
     let fidelity = &report["result"]["fidelity"];
-    assert!(
-        fidelity["max_abs_error"].as_f64().unwrap() < 1e-4,
-        "{fidelity}"
-    );
-    assert!(
-        fidelity["cosine_similarity"].as_f64().unwrap() > 0.9999,
-        "{fidelity}"
-    );
+    assert!(fidelity["max_abs_error"].as_f64().unwrap() < 1e-4, "{fidelity}");
+    assert!(fidelity["cosine_similarity"].as_f64().unwrap() > 0.9999, "{fidelity}");
     assert_eq!(fidelity["outputs"][0]["name"], "logits");
     assert_eq!(report["passes"][0]["pass"], "optimize");
     app.stop().await;
@@ -146,24 +116,16 @@ async fn a_model_onnx_runtime_cannot_load_fails_with_a_clear_code_and_no_retry(p
     let bytes = modelpress::onnx::encode(&modelpress::onnx::builder::unloadable_model());
     let model_id = app.upload_ok(bytes).await;
 
-    let job = app
-        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
-        .await;
+    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
     let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
 
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "model_load_failed");
     assert!(
-        job["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("NoSuchOperator"),
+        job["error"]["message"].as_str().unwrap().contains("NoSuchOperator"),
         "{job}"
     );
-    assert_eq!(
-        job["attempts"], 1,
-        "a model that cannot load is not retried"
-    );
+    assert_eq!(job["attempts"], 1, "a model that cannot load is not retried");
     assert_eq!(job["attempt_errors"].as_array().unwrap().len(), 1);
     assert_eq!(job["artifacts"], json!([]));
     assert_error(
@@ -197,9 +159,7 @@ async fn bad_recipes_are_rejected_with_invalid_recipe_naming_the_problem(pool: P
         (json!("optimize"), "array"),
     ];
     for (recipe, expected) in cases {
-        let r = app
-            .submit(json!({"model_id": model_id, "recipe": recipe}))
-            .await;
+        let r = app.submit(json!({"model_id": model_id, "recipe": recipe})).await;
         let message = assert_error(r, 400, "invalid_recipe").await;
         assert!(message.contains(expected), "{recipe}: {message}");
     }
@@ -251,16 +211,9 @@ async fn malformed_submissions_get_json_errors(pool: PgPool) {
 async fn a_queued_job_can_be_cancelled_once(pool: PgPool) {
     let app = TestApp::spawn_without_workers(pool).await;
     let model_id = app.upload_ok(tiny_mlp_bytes(15)).await;
-    let job = app
-        .submit_ok(&model_id, json!([{"pass": "optimize"}]))
-        .await;
+    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
     let id = job["id"].as_str().unwrap();
-    assert_error(
-        app.get(&format!("/v1/jobs/{id}/report")).await,
-        409,
-        "job_not_finished",
-    )
-    .await;
+    assert_error(app.get(&format!("/v1/jobs/{id}/report")).await, 409, "job_not_finished").await;
 
     let r = app
         .client
@@ -296,8 +249,7 @@ async fn jobs_list_newest_first_filtered_by_state_with_cursors(pool: PgPool) {
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(
-            app.submit_ok(&model_id, json!([{"pass": "optimize"}]))
-                .await["id"]
+            app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await["id"]
                 .as_str()
                 .unwrap()
                 .to_string(),
@@ -329,12 +281,7 @@ async fn jobs_list_newest_first_filtered_by_state_with_cursors(pool: PgPool) {
 
     let queued: Value = app.get("/v1/jobs?state=queued").await.json().await.unwrap();
     assert_eq!(queued["items"].as_array().unwrap().len(), 2);
-    let cancelled: Value = app
-        .get("/v1/jobs?state=cancelled")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cancelled: Value = app.get("/v1/jobs?state=cancelled").await.json().await.unwrap();
     assert_eq!(cancelled["items"][0]["id"], ids[0].as_str());
     assert_error(app.get("/v1/jobs?state=done").await, 400, "invalid_query").await;
 }
@@ -343,21 +290,10 @@ async fn jobs_list_newest_first_filtered_by_state_with_cursors(pool: PgPool) {
 async fn unknown_jobs_and_artifacts_answer_404(pool: PgPool) {
     let app = TestApp::spawn_without_workers(pool).await;
     let missing = uuid::Uuid::new_v4();
+    assert_error(app.get(&format!("/v1/jobs/{missing}")).await, 404, "not_found").await;
+    assert_error(app.get(&format!("/v1/jobs/{missing}/report")).await, 404, "not_found").await;
     assert_error(
-        app.get(&format!("/v1/jobs/{missing}")).await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_error(
-        app.get(&format!("/v1/jobs/{missing}/report")).await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_error(
-        app.get(&format!("/v1/jobs/{missing}/artifacts/model.onnx"))
-            .await,
+        app.get(&format!("/v1/jobs/{missing}/artifacts/model.onnx")).await,
         404,
         "not_found",
     )

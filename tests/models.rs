@@ -24,10 +24,7 @@ async fn uploading_a_raw_model_returns_its_summary_and_location(pool: PgPool) {
     assert_eq!(r.status(), 201);
     let location = r.headers()["location"].to_str().unwrap().to_string();
     let model: Value = r.json().await.unwrap();
-    assert_eq!(
-        location,
-        format!("/v1/models/{}", model["id"].as_str().unwrap())
-    );
+    assert_eq!(location, format!("/v1/models/{}", model["id"].as_str().unwrap()));
     assert_eq!(model["name"], "mlp.onnx");
     assert_eq!(model["size_bytes"], bytes.len());
     assert_eq!(model["sha256"], hex::encode(Sha256::digest(&bytes)));
@@ -53,12 +50,10 @@ async fn uploading_a_raw_model_returns_its_summary_and_location(pool: PgPool) {
 async fn a_multipart_upload_takes_its_name_from_the_file_part(pool: PgPool) {
     let app = TestApp::spawn_without_workers(pool).await;
     let bytes = tiny_mlp_bytes(2);
-    let form = reqwest::multipart::Form::new()
-        .text("comment", "ignored")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(bytes.clone()).file_name("classifier.onnx"),
-        );
+    let form = reqwest::multipart::Form::new().text("comment", "ignored").part(
+        "file",
+        reqwest::multipart::Part::bytes(bytes.clone()).file_name("classifier.onnx"),
+    );
 
     let r = app
         .client
@@ -131,8 +126,7 @@ async fn an_upload_over_the_limit_is_refused_with_413_and_leaves_nothing(pool: P
     assert_error(app.upload(big.clone()).await, 413, "payload_too_large").await;
 
     // Streamed without a length: refused once the limit is crossed mid-stream.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        big.chunks(512).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(512).map(|c| Ok(c.to_vec())).collect();
     let r = app
         .client
         .post(app.url("/v1/models"))
@@ -163,12 +157,7 @@ async fn other_content_types_are_refused_with_415(pool: PgPool) {
 async fn unknown_and_malformed_model_ids_answer_404_not_found(pool: PgPool) {
     let app = TestApp::spawn_without_workers(pool).await;
     let missing = uuid::Uuid::new_v4();
-    assert_error(
-        app.get(&format!("/v1/models/{missing}")).await,
-        404,
-        "not_found",
-    )
-    .await;
+    assert_error(app.get(&format!("/v1/models/{missing}")).await, 404, "not_found").await;
     assert_error(
         app.get(&format!("/v1/models/{missing}/content")).await,
         404,
@@ -196,10 +185,7 @@ async fn model_content_downloads_with_etag_ranges_and_conditional_requests(pool:
     assert_eq!(r.status(), 200);
     let etag = r.headers()["etag"].to_str().unwrap().to_string();
     assert_eq!(etag, format!("\"{}\"", hex::encode(Sha256::digest(&bytes))));
-    assert_eq!(
-        r.headers()["content-length"],
-        bytes.len().to_string().as_str()
-    );
+    assert_eq!(r.headers()["content-length"], bytes.len().to_string().as_str());
     assert_eq!(r.headers()["accept-ranges"], "bytes");
     assert_eq!(r.bytes().await.unwrap().to_vec(), bytes);
 
@@ -225,10 +211,7 @@ async fn model_content_downloads_with_etag_ranges_and_conditional_requests(pool:
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
-    assert_eq!(
-        r.bytes().await.unwrap().to_vec(),
-        bytes[bytes.len() - 5..].to_vec()
-    );
+    assert_eq!(r.bytes().await.unwrap().to_vec(), bytes[bytes.len() - 5..].to_vec());
 
     let r = app
         .client
@@ -269,9 +252,7 @@ async fn models_list_newest_first_with_cursor_pagination(pool: PgPool) {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(got, vec![ids[2].as_str(), ids[1].as_str()]);
-    let cursor = page1["next_cursor"]
-        .as_str()
-        .expect("a full page has a next cursor");
+    let cursor = page1["next_cursor"].as_str().expect("a full page has a next cursor");
 
     let page2: Value = app
         .get(&format!("/v1/models?limit=2&cursor={cursor}"))
@@ -290,12 +271,7 @@ async fn models_list_newest_first_with_cursor_pagination(pool: PgPool) {
 
     assert_error(app.get("/v1/models?limit=0").await, 400, "invalid_query").await;
     assert_error(app.get("/v1/models?limit=abc").await, 400, "invalid_query").await;
-    assert_error(
-        app.get("/v1/models?cursor=garbage").await,
-        400,
-        "invalid_query",
-    )
-    .await;
+    assert_error(app.get("/v1/models?cursor=garbage").await, 400, "invalid_query").await;
 }
 
 #[sqlx::test]

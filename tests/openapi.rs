@@ -4,13 +4,10 @@ use std::collections::BTreeSet;
 
 #[test]
 fn every_route_is_in_the_openapi_spec_and_every_spec_path_is_routed() {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     let spec: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
-    let methods = [
-        "get", "put", "post", "delete", "patch", "head", "options", "trace",
-    ];
+    let methods = ["get", "put", "post", "delete", "patch", "head", "options", "trace"];
     let mut documented = BTreeSet::new();
     for (path, item) in spec["paths"].as_mapping().expect("paths is a mapping") {
         for (key, _) in item.as_mapping().unwrap() {
@@ -38,8 +35,7 @@ fn every_route_is_in_the_openapi_spec_and_every_spec_path_is_routed() {
 
 #[test]
 fn every_error_code_the_api_emits_is_documented() {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     for code in [
         "invalid_model",
         "invalid_recipe",
@@ -62,10 +58,12 @@ fn every_error_code_the_api_emits_is_documented() {
         "runtime_crashed",
         "timeout",
         "lease_expired",
+        "memory_limit",
+        "idempotency_key_reused",
+        "model_missing",
+        "storage_error",
+        "io_error",
     ] {
-        assert!(
-            text.contains(code),
-            "openapi.yaml does not mention error code {code}"
-        );
+        assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }
 }

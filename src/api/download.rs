@@ -17,15 +17,9 @@ pub struct Object<'a> {
     pub content_type: &'static str,
 }
 
-pub async fn serve(
-    state: &AppState,
-    headers: &HeaderMap,
-    object: Object<'_>,
-) -> ApiResult<Response<Body>> {
+pub async fn serve(state: &AppState, headers: &HeaderMap, object: Object<'_>) -> ApiResult<Response<Body>> {
     let etag = format!("\"{}\"", object.sha256);
-    let if_none_match = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok());
+    let if_none_match = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
     if if_none_match.is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
         return Ok(Response::builder()
             .status(StatusCode::NOT_MODIFIED)
@@ -48,16 +42,13 @@ pub async fn serve(
             .header(header::CONTENT_LENGTH, r.end - r.start)
             .header(
                 header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes {}-{}/{}", r.start, r.end - 1, object.size))
-                    .expect("ascii"),
+                HeaderValue::from_str(&format!("bytes {}-{}/{}", r.start, r.end - 1, object.size)).expect("ascii"),
             ),
         None => response
             .status(StatusCode::OK)
             .header(header::CONTENT_LENGTH, object.size),
     };
-    Ok(response
-        .body(Body::from_stream(stream))
-        .expect("valid response"))
+    Ok(response.body(Body::from_stream(stream)).expect("valid response"))
 }
 
 /// Parses one `bytes=` range against an object of `len` bytes. A syntactically unusable header is

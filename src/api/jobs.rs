@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::AppState;
@@ -20,7 +21,7 @@ use crate::compress::Recipe;
 use crate::db::artifacts::{self, ArtifactRow};
 use crate::db::page::Cursor;
 use crate::pipeline::REPORT_ARTIFACT;
-use crate::queue::{self, AttemptError, CancelOutcome, JobError, JobRow, JobState, NewJob};
+use crate::queue::{self, AttemptError, CancelOutcome, Enqueued, JobError, JobRow, JobState, NewJob};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,7 @@ pub struct CreateJob {
     #[serde(default)]
     priority: i32,
     max_attempts: Option<i32>,
+    timeout_s: Option<i32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +59,7 @@ pub struct Job {
     attempts: i32,
     max_attempts: i32,
     cancel_requested: bool,
+    timeout_s: i32,
     error: Option<JobError>,
     attempt_errors: Vec<AttemptError>,
     created_at: DateTime<Utc>,
@@ -89,6 +92,7 @@ impl Job {
             attempts: row.attempt,
             max_attempts: row.max_attempts,
             cancel_requested: row.cancel_requested,
+            timeout_s: row.timeout_s,
             error: row.error.map(|e| e.0),
             attempt_errors: row.attempt_errors.0,
             created_at: row.created_at,
@@ -99,11 +103,7 @@ impl Job {
 }
 
 /// Rows → API jobs, fetching all their artifacts in one query.
-async fn with_artifacts(
-    state: &AppState,
-    tenant: Tenant,
-    rows: Vec<JobRow>,
-) -> ApiResult<Vec<Job>> {
+async fn with_artifacts(state: &AppState, tenant: Tenant, rows: Vec<JobRow>) -> ApiResult<Vec<Job>> {
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let mut by_job: HashMap<Uuid, Vec<ArtifactRow>> = HashMap::new();
     for a in artifacts::list_for_jobs(&state.pool, tenant.0, &ids).await? {
@@ -122,23 +122,47 @@ async fn one(state: &AppState, tenant: Tenant, row: JobRow) -> ApiResult<Job> {
     Ok(with_artifacts(state, tenant, vec![row]).await?.remove(0))
 }
 
+/// The client's `Idempotency-Key`: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k.to_string())),
+        _ => Err(ApiError::InvalidRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        )),
+    }
+}
+
 pub async fn create(
     State(state): State<AppState>,
     tenant: Tenant,
+    headers: HeaderMap,
     Json(body): Json<CreateJob>,
 ) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
     let recipe = Recipe::parse(&body.recipe).map_err(|e| ApiError::InvalidRecipe(e.0))?;
-    let max_attempts = body
-        .max_attempts
-        .unwrap_or(state.config.worker.max_attempts);
+    let max_attempts = body.max_attempts.unwrap_or(state.config.worker.max_attempts);
     if !(1..=10).contains(&max_attempts) {
-        return Err(ApiError::InvalidRequest(
-            "max_attempts must be within 1..=10".into(),
-        ));
+        return Err(ApiError::InvalidRequest("max_attempts must be within 1..=10".into()));
+    }
+    let cap = state.config.worker.max_job_timeout_s as i64;
+    let timeout_s = body
+        .timeout_s
+        .map_or((state.config.worker.job_timeout_s as i64).min(cap), i64::from);
+    if !(1..=cap).contains(&timeout_s) {
+        return Err(ApiError::InvalidRequest(format!(
+            "timeout_s must be within 1..={cap} (worker.max_job_timeout_s)"
+        )));
     }
     // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
     let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
-    let row = queue::enqueue(
+    // What makes two submissions "the same request" for an idempotency key: the normalized body.
+    let request_hash = hex::encode(Sha256::digest(
+        serde_json::json!([body.model_id, recipe, body.priority, max_attempts, timeout_s]).to_string(),
+    ));
+    let outcome = queue::enqueue(
         &state.pool,
         NewJob {
             tenant_id: tenant.0,
@@ -146,19 +170,31 @@ pub async fn create(
             recipe: &recipe,
             priority: body.priority,
             max_attempts,
+            timeout_s: timeout_s as i32,
+            idempotency: key.as_deref().map(|k| (k, request_hash.as_str())),
         },
     )
-    .await?
-    .ok_or_else(|| ApiError::NotFound(format!("model {} not found", body.model_id)))?;
-    tracing::info!(job_id = %row.id, model_id = %row.model_id, "job queued");
+    .await?;
+    let (status, row) = match outcome {
+        Enqueued::Created(row) => {
+            tracing::info!(job_id = %row.id, model_id = %row.model_id, "job queued");
+            (StatusCode::CREATED, row)
+        }
+        Enqueued::Replayed(row) => (StatusCode::OK, row),
+        Enqueued::KeyReused(row) => {
+            return Err(ApiError::Unprocessable {
+                code: "idempotency_key_reused",
+                message: format!(
+                    "this Idempotency-Key was already used for a different request (job {})",
+                    row.id
+                ),
+            });
+        }
+        Enqueued::ModelNotFound => return Err(ApiError::NotFound(format!("model {} not found", body.model_id))),
+    };
     let location = format!("/v1/jobs/{}", row.id);
     let job = one(&state, tenant, row).await?;
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        axum::Json(job),
-    )
-        .into_response())
+    Ok((status, [(header::LOCATION, location)], axum::Json(job)).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,20 +238,12 @@ async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<JobRow> {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-pub async fn get(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Job>> {
+pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
     let row = find(&state, tenant, id).await?;
     Ok(axum::Json(one(&state, tenant, row).await?))
 }
 
-pub async fn cancel(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Job>> {
+pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
     match queue::cancel(&state.pool, tenant.0, id).await? {
         CancelOutcome::Cancelled(row) | CancelOutcome::Requested(row) => {
             Ok(axum::Json(one(&state, tenant, row).await?))
@@ -238,10 +266,7 @@ pub async fn report(
     if !job.state.is_terminal() {
         return Err(ApiError::Conflict {
             code: "job_not_finished",
-            message: format!(
-                "the job is {}; its report exists once it succeeds",
-                job.state.as_str()
-            ),
+            message: format!("the job is {}; its report exists once it succeeds", job.state.as_str()),
         });
     }
     serve_artifact(&state, tenant, id, REPORT_ARTIFACT, &headers).await

@@ -69,26 +69,14 @@ fn routes() -> Routes {
         )
         .add(M::GET, "/v1/models", routing::get(models::list))
         .add(M::GET, "/v1/models/{id}", routing::get(models::get))
-        .add(
-            M::DELETE,
-            "/v1/models/{id}",
-            routing::delete(models::delete),
-        )
-        .add(
-            M::GET,
-            "/v1/models/{id}/content",
-            routing::get(models::content),
-        )
+        .add(M::DELETE, "/v1/models/{id}", routing::delete(models::delete))
+        .add(M::GET, "/v1/models/{id}/content", routing::get(models::content))
         .add(M::POST, "/v1/jobs", routing::post(jobs::create))
         .add(M::GET, "/v1/jobs", routing::get(jobs::list))
         .add(M::GET, "/v1/jobs/{id}", routing::get(jobs::get))
         .add(M::POST, "/v1/jobs/{id}/cancel", routing::post(jobs::cancel))
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
-        .add(
-            M::GET,
-            "/v1/jobs/{id}/artifacts/{name}",
-            routing::get(jobs::artifact),
-        )
+        .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
 }
 
 /// Every (method, path) the API serves, in OpenAPI path syntax.
@@ -105,16 +93,14 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_json))
         .with_state(state)
         .layer(middleware::from_fn(errors_as_json))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
-                let request_id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+        }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }

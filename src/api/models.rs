@@ -69,9 +69,9 @@ impl PageQuery {
         }
         let cursor = match &self.cursor {
             None => None,
-            Some(c) => Some(Cursor::decode(c).ok_or_else(|| {
-                ApiError::InvalidQuery("cursor is not one this API issued".into())
-            })?),
+            Some(c) => Some(
+                Cursor::decode(c).ok_or_else(|| ApiError::InvalidQuery("cursor is not one this API issued".into()))?,
+            ),
         };
         Ok((limit, cursor))
     }
@@ -94,11 +94,7 @@ fn clean_name(raw: Option<&str>) -> String {
         .filter(|c| !c.is_control())
         .take(255)
         .collect();
-    if cleaned.is_empty() {
-        "model".into()
-    } else {
-        cleaned
-    }
+    if cleaned.is_empty() { "model".into() } else { cleaned }
 }
 
 pub async fn upload(
@@ -131,18 +127,18 @@ pub async fn upload(
             .await
             .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
         let mut found = None;
-        while let Some(field) = multipart.next_field().await.map_err(|e| {
-            ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text()))
-        })? {
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())))?
+        {
             if field.name() == Some("file") {
                 let filename = field.file_name().map(str::to_string);
                 found = Some((upload::stage(&staging, field, limit).await?, filename));
                 break;
             }
         }
-        found.ok_or_else(|| {
-            ApiError::InvalidRequest("the multipart body has no part named \"file\"".into())
-        })?
+        found.ok_or_else(|| ApiError::InvalidRequest("the multipart body has no part named \"file\"".into()))?
     } else {
         return Err(ApiError::UnsupportedMediaType(
             "upload the model as application/octet-stream or as multipart/form-data with a part named \"file\"".into(),
@@ -151,31 +147,20 @@ pub async fn upload(
     let name = clean_name(query.name.as_deref().or(filename.as_deref()));
     let model = store_model(&state, tenant, staged, &name).await?;
     let location = format!("/v1/models/{}", model.id);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        axum::Json(model),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(model)).into_response())
 }
 
 /// Parses the staged file as ONNX, moves it into storage and records it. An invalid model leaves
 /// nothing behind: the staged file is deleted when `staged` drops.
-async fn store_model(
-    state: &AppState,
-    tenant: Tenant,
-    staged: Staged,
-    name: &str,
-) -> ApiResult<Model> {
+async fn store_model(state: &AppState, tenant: Tenant, staged: Staged, name: &str) -> ApiResult<Model> {
     if staged.size == 0 {
         return Err(ApiError::InvalidModel("the upload is empty".into()));
     }
     let path = staged.path.to_path_buf();
-    let summary =
-        tokio::task::spawn_blocking(move || onnx::load(&path).map(|m| ModelSummary::of(&m)))
-            .await
-            .map_err(|e| ApiError::Internal(e.into()))?
-            .map_err(|e| ApiError::InvalidModel(e.to_string()))?;
+    let summary = tokio::task::spawn_blocking(move || onnx::load(&path).map(|m| ModelSummary::of(&m)))
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::InvalidModel(e.to_string()))?;
     let id = Uuid::new_v4();
     let key = storage::model_key(tenant.0, id);
     state.storage.put_file(&key, &staged.path).await?;
@@ -227,11 +212,7 @@ async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<ModelRow>
         .ok_or_else(|| ApiError::not_found("model"))
 }
 
-pub async fn get(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    Path(id): Path<Uuid>,
-) -> ApiResult<axum::Json<Model>> {
+pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Model>> {
     Ok(axum::Json(find(&state, tenant, id).await?.into()))
 }
 
@@ -255,11 +236,7 @@ pub async fn content(
     .await
 }
 
-pub async fn delete(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    Path(id): Path<Uuid>,
-) -> ApiResult<StatusCode> {
+pub async fn delete(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     match db_models::delete(&state.pool, tenant.0, id).await? {
         DeleteOutcome::Deleted(key) => {
             if let Err(e) = state.storage.delete(&key).await {
@@ -270,8 +247,7 @@ pub async fn delete(
         DeleteOutcome::NotFound => Err(ApiError::not_found("model")),
         DeleteOutcome::InUse => Err(ApiError::Conflict {
             code: "model_in_use",
-            message: "a queued or running job uses this model; cancel it or wait for it to finish"
-                .into(),
+            message: "a queued or running job uses this model; cancel it or wait for it to finish".into(),
         }),
     }
 }

@@ -33,8 +33,7 @@ where
     let mut size = 0u64;
     let mut stream = std::pin::pin!(stream);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
+        let chunk = chunk.map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(too_large(limit));

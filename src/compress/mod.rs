@@ -37,9 +37,7 @@ impl Recipe {
             .as_array()
             .ok_or_else(|| RecipeError("recipe must be an array of passes".into()))?;
         if steps.is_empty() {
-            return Err(RecipeError(
-                "recipe is empty; give at least one pass".into(),
-            ));
+            return Err(RecipeError("recipe is empty; give at least one pass".into()));
         }
         let specs = steps
             .iter()
@@ -95,12 +93,7 @@ pub struct PassError(pub String);
 
 pub trait Pass {
     fn name(&self) -> &'static str;
-    fn run(
-        &self,
-        input: &Path,
-        output: &Path,
-        ctx: &PassContext<'_>,
-    ) -> Result<PassOutput, PassError>;
+    fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError>;
 }
 
 #[cfg(test)]
@@ -134,14 +127,8 @@ mod tests {
                 json!([{"pass": "optimize"}, {"pass": "shrink"}]),
                 "recipe[1]: unknown pass \"shrink\"",
             ),
-            (
-                json!([{"pass": "optimize", "level": "max"}]),
-                "unknown variant `max`",
-            ),
-            (
-                json!([{"pass": "optimize", "levle": "all"}]),
-                "unknown field `levle`",
-            ),
+            (json!([{"pass": "optimize", "level": "max"}]), "unknown variant `max`"),
+            (json!([{"pass": "optimize", "levle": "all"}]), "unknown field `levle`"),
         ];
         for (recipe, expected) in cases {
             let err = Recipe::parse(&recipe).unwrap_err().0;

@@ -35,12 +35,7 @@ impl Pass for Optimize {
         "optimize"
     }
 
-    fn run(
-        &self,
-        input: &Path,
-        output: &Path,
-        ctx: &PassContext<'_>,
-    ) -> Result<PassOutput, PassError> {
+    fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError> {
         let level = match self.0.level {
             Level::Basic => GraphOptimizationLevel::Level1,
             Level::Extended => GraphOptimizationLevel::Level2,
@@ -50,14 +45,10 @@ impl Pass for Optimize {
             .optimize(input, output, level)
             .map_err(|e| PassError(e.to_string()))?;
         let count = |p: &Path| onnx::load(p).map(|m| ModelSummary::of(&m).nodes);
-        let before =
-            count(input).map_err(|e| PassError(format!("reading the input model: {e}")))?;
-        let after = count(output)
-            .map_err(|e| PassError(format!("ONNX Runtime wrote an unreadable model: {e}")))?;
+        let before = count(input).map_err(|e| PassError(format!("reading the input model: {e}")))?;
+        let after = count(output).map_err(|e| PassError(format!("ONNX Runtime wrote an unreadable model: {e}")))?;
         let mut out = PassOutput {
-            notes: vec![
-                format!("level {:?}: {before} nodes -> {after} nodes", self.0.level).to_lowercase(),
-            ],
+            notes: vec![format!("level {:?}: {before} nodes -> {after} nodes", self.0.level).to_lowercase()],
             ..Default::default()
         };
         if self.0.level == Level::All {

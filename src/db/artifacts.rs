@@ -17,26 +17,15 @@ pub struct ArtifactRow {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn list_for_jobs(
-    pool: &PgPool,
-    tenant: Uuid,
-    jobs: &[Uuid],
-) -> Result<Vec<ArtifactRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM artifacts WHERE tenant_id = $1 AND job_id = ANY($2) ORDER BY job_id, name",
-    )
-    .bind(tenant)
-    .bind(jobs)
-    .fetch_all(pool)
-    .await
+pub async fn list_for_jobs(pool: &PgPool, tenant: Uuid, jobs: &[Uuid]) -> Result<Vec<ArtifactRow>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM artifacts WHERE tenant_id = $1 AND job_id = ANY($2) ORDER BY job_id, name")
+        .bind(tenant)
+        .bind(jobs)
+        .fetch_all(pool)
+        .await
 }
 
-pub async fn get(
-    pool: &PgPool,
-    tenant: Uuid,
-    job: Uuid,
-    name: &str,
-) -> Result<Option<ArtifactRow>, sqlx::Error> {
+pub async fn get(pool: &PgPool, tenant: Uuid, job: Uuid, name: &str) -> Result<Option<ArtifactRow>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM artifacts WHERE tenant_id = $1 AND job_id = $2 AND name = $3")
         .bind(tenant)
         .bind(job)

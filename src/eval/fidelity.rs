@@ -33,10 +33,7 @@ pub enum FidelityError {
     },
 }
 
-pub fn compare(
-    reference: &[OutputTensor],
-    candidate: &[OutputTensor],
-) -> Result<Fidelity, FidelityError> {
+pub fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, FidelityError> {
     let mut outputs = Vec::new();
     for r in reference {
         let c = candidate
@@ -118,11 +115,7 @@ mod tests {
 
     #[test]
     fn identical_outputs_have_zero_error_and_unit_cosine() {
-        let f = compare(
-            &[out("y", &[1.0, -2.0, 3.0])],
-            &[out("y", &[1.0, -2.0, 3.0])],
-        )
-        .unwrap();
+        let f = compare(&[out("y", &[1.0, -2.0, 3.0])], &[out("y", &[1.0, -2.0, 3.0])]).unwrap();
         assert_eq!(
             (f.max_abs_error, f.mean_abs_error, f.cosine_similarity),
             (0.0, 0.0, 1.0)

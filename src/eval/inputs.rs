@@ -44,11 +44,7 @@ pub enum InputError {
     #[error("input {name:?} has dtype {dtype}, which synthetic inputs do not support yet")]
     UnsupportedDtype { name: String, dtype: String },
     #[error("input {name:?} would hold {elements} elements; the limit is {limit}")]
-    TooLarge {
-        name: String,
-        elements: u64,
-        limit: u64,
-    },
+    TooLarge { name: String, elements: u64, limit: u64 },
     #[error("creating tensor {name:?}: {message}")]
     Tensor { name: String, message: String },
 }
@@ -87,9 +83,10 @@ pub fn synthetic(
     signature
         .iter()
         .map(|sig| {
-            let declared = sig.shape.as_ref().ok_or_else(|| InputError::UnknownRank {
-                name: sig.name.clone(),
-            })?;
+            let declared = sig
+                .shape
+                .as_ref()
+                .ok_or_else(|| InputError::UnknownRank { name: sig.name.clone() })?;
             let shape: Vec<i64> = declared
                 .iter()
                 .enumerate()
@@ -106,30 +103,14 @@ pub fn synthetic(
             let n = elements as usize;
             let normal = |rng: &mut rand::rngs::StdRng| -> f64 { StandardNormal.sample(rng) };
             let data = match dtype::from_name(&sig.dtype) {
-                Some(DataType::Float) => {
-                    TensorData::F32((0..n).map(|_| normal(&mut rng) as f32).collect())
-                }
-                Some(DataType::Double) => {
-                    TensorData::F64((0..n).map(|_| normal(&mut rng)).collect())
-                }
-                Some(DataType::Float16) => {
-                    TensorData::F16((0..n).map(|_| f16::from_f64(normal(&mut rng))).collect())
-                }
-                Some(DataType::Int64) => {
-                    TensorData::I64((0..n).map(|_| rng.random_range(0..10)).collect())
-                }
-                Some(DataType::Int32) => {
-                    TensorData::I32((0..n).map(|_| rng.random_range(0..10)).collect())
-                }
-                Some(DataType::Int8) => {
-                    TensorData::I8((0..n).map(|_| rng.random_range(0..10)).collect())
-                }
-                Some(DataType::Uint8) => {
-                    TensorData::U8((0..n).map(|_| rng.random_range(0..=255)).collect())
-                }
-                Some(DataType::Bool) => {
-                    TensorData::Bool((0..n).map(|_| rng.random_bool(0.5)).collect())
-                }
+                Some(DataType::Float) => TensorData::F32((0..n).map(|_| normal(&mut rng) as f32).collect()),
+                Some(DataType::Double) => TensorData::F64((0..n).map(|_| normal(&mut rng)).collect()),
+                Some(DataType::Float16) => TensorData::F16((0..n).map(|_| f16::from_f64(normal(&mut rng))).collect()),
+                Some(DataType::Int64) => TensorData::I64((0..n).map(|_| rng.random_range(0..10)).collect()),
+                Some(DataType::Int32) => TensorData::I32((0..n).map(|_| rng.random_range(0..10)).collect()),
+                Some(DataType::Int8) => TensorData::I8((0..n).map(|_| rng.random_range(0..10)).collect()),
+                Some(DataType::Uint8) => TensorData::U8((0..n).map(|_| rng.random_range(0..=255)).collect()),
+                Some(DataType::Bool) => TensorData::Bool((0..n).map(|_| rng.random_bool(0.5)).collect()),
                 _ => {
                     return Err(InputError::UnsupportedDtype {
                         name: sig.name.clone(),
@@ -213,20 +194,12 @@ mod tests {
             sig(
                 "x",
                 "float32",
-                Some(vec![
-                    Dim::Symbolic("batch".into()),
-                    Dim::Fixed(3),
-                    Dim::Unknown,
-                ]),
+                Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(3), Dim::Unknown]),
             ),
             sig(
                 "ids",
                 "int64",
-                Some(vec![
-                    Dim::Unknown,
-                    Dim::Symbolic("seq".into()),
-                    Dim::Fixed(-1),
-                ]),
+                Some(vec![Dim::Unknown, Dim::Symbolic("seq".into()), Dim::Fixed(-1)]),
             ),
         ];
         let a = synthetic(&s, 9, &p).unwrap();

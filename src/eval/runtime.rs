@@ -42,8 +42,7 @@ impl Runtime {
     /// Loads ORT once per process; later calls return the same runtime (or the same failure).
     pub fn init(configured: &str) -> Result<Runtime, RuntimeError> {
         let result = RUNTIME.get_or_init(|| {
-            let path =
-                locate(configured).ok_or_else(|| RuntimeError::LibraryNotFound.to_string())?;
+            let path = locate(configured).ok_or_else(|| RuntimeError::LibraryNotFound.to_string())?;
             let load = |message: String| RuntimeError::Load {
                 path: path.display().to_string(),
                 message,
@@ -83,12 +82,7 @@ impl Runtime {
     }
 
     /// Runs ORT's graph optimizer at `level` over `input` and writes the optimized graph to `output`.
-    pub fn optimize(
-        &self,
-        input: &Path,
-        output: &Path,
-        level: GraphOptimizationLevel,
-    ) -> Result<(), RuntimeError> {
+    pub fn optimize(&self, input: &Path, output: &Path, level: GraphOptimizationLevel) -> Result<(), RuntimeError> {
         let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
         Session::builder(&self.env)
             .map_err(err)?

@@ -35,28 +35,18 @@ impl PreparedInputs {
     }
 
     pub fn run(&self, session: &mut Session) -> Result<(), RuntimeError> {
-        let refs: Vec<(&str, &DynValue)> =
-            self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        session
-            .run(refs)
-            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
         Ok(())
     }
 
-    pub fn run_and_collect(
-        &self,
-        session: &mut Session,
-    ) -> Result<Vec<OutputTensor>, RuntimeError> {
-        let refs: Vec<(&str, &DynValue)> =
-            self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        let outputs = session
-            .run(refs)
-            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+    pub fn run_and_collect(&self, session: &mut Session) -> Result<Vec<OutputTensor>, RuntimeError> {
+        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
         outputs
             .iter()
             .map(|(name, value)| {
-                let (shape, values) = widen(&value)
-                    .map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
+                let (shape, values) = widen(&value).map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
                 Ok(OutputTensor {
                     name: name.to_string(),
                     shape,

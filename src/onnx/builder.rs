@@ -4,9 +4,8 @@
 use rand::{Rng, SeedableRng};
 
 use super::proto::{
-    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
-    tensor_shape_proto, type_proto,
+    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
+    ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
 pub const MLP_IN: usize = 16;
@@ -57,11 +56,7 @@ impl GraphBuilder {
     }
 
     pub fn initializer_f32(mut self, name: &str, dims: &[i64], data: Vec<f32>) -> Self {
-        assert_eq!(
-            dims.iter().product::<i64>() as usize,
-            data.len(),
-            "initializer {name}"
-        );
+        assert_eq!(dims.iter().product::<i64>() as usize, data.len(), "initializer {name}");
         self.graph.initializer.push(TensorProto {
             name: Some(name.to_string()),
             dims: dims.to_vec(),
@@ -72,13 +67,19 @@ impl GraphBuilder {
         self
     }
 
-    pub fn node(
-        mut self,
-        op: &str,
-        inputs: &[&str],
-        outputs: &[&str],
-        attributes: Vec<AttributeProto>,
-    ) -> Self {
+    pub fn initializer_i64(mut self, name: &str, dims: &[i64], data: Vec<i64>) -> Self {
+        assert_eq!(dims.iter().product::<i64>() as usize, data.len(), "initializer {name}");
+        self.graph.initializer.push(TensorProto {
+            name: Some(name.to_string()),
+            dims: dims.to_vec(),
+            data_type: Some(DataType::Int64 as i32),
+            raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ..Default::default()
+        });
+        self
+    }
+
+    pub fn node(mut self, op: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<AttributeProto>) -> Self {
         let index = self.graph.node.len();
         self.graph.node.push(NodeProto {
             name: Some(format!("{op}_{index}")),
@@ -125,9 +126,7 @@ fn value_info(name: &str, elem: DataType, dims: &[DimSpec]) -> ValueInfoProto {
         .map(|d| tensor_shape_proto::Dimension {
             value: Some(match d {
                 DimSpec::Fixed(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
-                DimSpec::Symbolic(s) => {
-                    tensor_shape_proto::dimension::Value::DimParam(s.to_string())
-                }
+                DimSpec::Symbolic(s) => tensor_shape_proto::dimension::Value::DimParam(s.to_string()),
             }),
             ..Default::default()
         })
@@ -147,9 +146,7 @@ fn value_info(name: &str, elem: DataType, dims: &[DimSpec]) -> ValueInfoProto {
 
 fn random_weights(rng: &mut rand::rngs::StdRng, n: usize, fan_in: usize) -> Vec<f32> {
     let scale = (2.0 / fan_in as f32).sqrt();
-    (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-        .collect()
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
 }
 
 /// input[batch,16] → MatMul → Add → Relu → MatMul → Add → logits[batch,10], random weights from `seed`.
@@ -158,27 +155,11 @@ pub fn tiny_mlp(seed: u64) -> ModelProto {
     let (i, h, o) = (MLP_IN, MLP_HIDDEN, MLP_OUT);
     let batch = DimSpec::Symbolic("batch");
     GraphBuilder::new("tiny_mlp")
-        .input(
-            "input",
-            DataType::Float,
-            &[batch.clone(), DimSpec::Fixed(i as i64)],
-        )
-        .output(
-            "logits",
-            DataType::Float,
-            &[batch, DimSpec::Fixed(o as i64)],
-        )
-        .initializer_f32(
-            "w1",
-            &[i as i64, h as i64],
-            random_weights(&mut rng, i * h, i),
-        )
+        .input("input", DataType::Float, &[batch.clone(), DimSpec::Fixed(i as i64)])
+        .output("logits", DataType::Float, &[batch, DimSpec::Fixed(o as i64)])
+        .initializer_f32("w1", &[i as i64, h as i64], random_weights(&mut rng, i * h, i))
         .initializer_f32("b1", &[h as i64], random_weights(&mut rng, h, h))
-        .initializer_f32(
-            "w2",
-            &[h as i64, o as i64],
-            random_weights(&mut rng, h * o, h),
-        )
+        .initializer_f32("w2", &[h as i64, o as i64], random_weights(&mut rng, h * o, h))
         .initializer_f32("b2", &[o as i64], random_weights(&mut rng, o, o))
         .node("MatMul", &["input", "w1"], &["h0"], vec![])
         .node("Add", &["h0", "b1"], &["h1"], vec![])
@@ -196,5 +177,16 @@ pub fn unloadable_model() -> ModelProto {
         .input("x", DataType::Float, &[batch.clone(), DimSpec::Fixed(4)])
         .output("y", DataType::Float, &[batch, DimSpec::Fixed(4)])
         .node("NoSuchOperator", &["x"], &["y"], vec![])
+        .build()
+}
+
+/// A few hundred bytes that ask ONNX Runtime for `side * side` floats at run time (4 GiB at the
+/// default 32768): the poison model for memory limits.
+pub fn memory_hog_model(side: i64) -> ModelProto {
+    GraphBuilder::new("memory_hog")
+        .input("x", DataType::Float, &[DimSpec::Fixed(1)])
+        .output("y", DataType::Float, &[DimSpec::Fixed(side), DimSpec::Fixed(side)])
+        .initializer_i64("shape", &[2], vec![side, side])
+        .node("Expand", &["x", "shape"], &["y"], vec![])
         .build()
 }

@@ -147,10 +147,7 @@ mod tests {
     #[test]
     fn random_text_is_not_a_model() {
         let err = decode(b"this is certainly not an onnx model, just some text").unwrap_err();
-        assert!(
-            matches!(err, OnnxError::Decode(_) | OnnxError::Invalid(_)),
-            "{err}"
-        );
+        assert!(matches!(err, OnnxError::Decode(_) | OnnxError::Invalid(_)), "{err}");
     }
 
     #[test]

@@ -109,11 +109,7 @@ impl ModelSummary {
 }
 
 fn domain_name(domain: &str) -> &str {
-    if domain.is_empty() {
-        DEFAULT_DOMAIN
-    } else {
-        domain
-    }
+    if domain.is_empty() { DEFAULT_DOMAIN } else { domain }
 }
 
 fn op_key(node: &proto::NodeProto) -> String {
@@ -133,9 +129,7 @@ pub fn element_count(t: &proto::TensorProto) -> u64 {
 
 fn signature(vi: &proto::ValueInfoProto) -> TensorSignature {
     let (dtype, shape) = match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(type_proto::Value::TensorType(t)) => {
-            (dtype::name(t.elem_type()), t.shape.as_ref().map(dims))
-        }
+        Some(type_proto::Value::TensorType(t)) => (dtype::name(t.elem_type()), t.shape.as_ref().map(dims)),
         Some(type_proto::Value::SparseTensorType(t)) => (
             format!("sparse_{}", dtype::name(t.elem_type())),
             t.shape.as_ref().map(dims),
@@ -180,10 +174,7 @@ mod tests {
         assert_eq!(summary.inputs[0].dtype, "float32");
         assert_eq!(
             summary.inputs[0].shape,
-            Some(vec![
-                Dim::Symbolic("batch".into()),
-                Dim::Fixed(builder::MLP_IN as i64)
-            ])
+            Some(vec![Dim::Symbolic("batch".into()), Dim::Fixed(builder::MLP_IN as i64)])
         );
         let p = builder::MLP_IN * builder::MLP_HIDDEN
             + builder::MLP_HIDDEN
@@ -208,9 +199,6 @@ mod tests {
 
     #[test]
     fn unknown_dims_serialize_as_null() {
-        assert_eq!(
-            serde_json::to_value(Dim::Unknown).unwrap(),
-            serde_json::Value::Null
-        );
+        assert_eq!(serde_json::to_value(Dim::Unknown).unwrap(), serde_json::Value::Null);
     }
 }

@@ -52,10 +52,7 @@ impl JobState {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 }
 
@@ -95,6 +92,9 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub timeout_s: i32,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
 }
 
 pub struct NewJob<'a> {
@@ -103,15 +103,31 @@ pub struct NewJob<'a> {
     pub recipe: &'a Value,
     pub priority: i32,
     pub max_attempts: i32,
+    pub timeout_s: i32,
+    /// `(Idempotency-Key, hash of the request)`, when the client sent a key.
+    pub idempotency: Option<(&'a str, &'a str)>,
 }
 
-/// Inserts a queued job if the tenant's model exists (`None` otherwise). The model row is locked
-/// `FOR SHARE` so a concurrent delete cannot slip between the check and the insert.
-pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Option<JobRow>, sqlx::Error> {
-    sqlx::query_as(
+pub enum Enqueued {
+    Created(JobRow),
+    /// The key was used before for the same request: the job it created.
+    Replayed(JobRow),
+    /// The key was used before for a different request.
+    KeyReused(JobRow),
+    ModelNotFound,
+}
+
+/// Inserts a queued job if the tenant's model exists. The model row is locked `FOR SHARE` so a
+/// concurrent delete cannot slip between the check and the insert. With an idempotency key, a
+/// second submission (even a concurrent one) finds the first job instead of creating another.
+pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::Error> {
+    let (key, hash) = job.idempotency.unzip();
+    let created: Option<JobRow> = sqlx::query_as(
         "WITH model AS (SELECT id FROM models WHERE id = $2 AND tenant_id = $3 FOR SHARE)
-         INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts)
-         SELECT $1, $3, model.id, $4, $5, $6 FROM model
+         INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts, timeout_s,
+                           idempotency_key, request_hash)
+         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9 FROM model
+         ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
     .bind(Uuid::new_v4())
@@ -120,8 +136,27 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Option<JobRow>, s
     .bind(Json(job.recipe))
     .bind(job.priority)
     .bind(job.max_attempts)
+    .bind(job.timeout_s)
+    .bind(key)
+    .bind(hash)
     .fetch_optional(pool)
-    .await
+    .await?;
+    if let Some(row) = created {
+        return Ok(Enqueued::Created(row));
+    }
+    let Some(key) = key else {
+        return Ok(Enqueued::ModelNotFound);
+    };
+    let earlier: Option<JobRow> = sqlx::query_as("SELECT * FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2")
+        .bind(job.tenant_id)
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    Ok(match earlier {
+        Some(row) if row.request_hash.as_deref() == hash => Enqueued::Replayed(row),
+        Some(row) => Enqueued::KeyReused(row),
+        None => Enqueued::ModelNotFound,
+    })
 }
 
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
@@ -158,11 +193,7 @@ pub async fn list(
 }
 
 /// Claims the most urgent runnable job (priority, then age) for `worker`, leased for `lease_s`.
-pub async fn claim(
-    pool: &PgPool,
-    worker: &str,
-    lease_s: u64,
-) -> Result<Option<JobRow>, sqlx::Error> {
+pub async fn claim(pool: &PgPool, worker: &str, lease_s: u64) -> Result<Option<JobRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE jobs SET
              state = 'running',
@@ -237,11 +268,7 @@ pub struct NewArtifact {
 
 /// Marks the attempt succeeded and records its artifacts in one transaction. Returns false (and
 /// writes nothing) when the attempt no longer owns the job.
-pub async fn complete(
-    pool: &PgPool,
-    job: &JobRow,
-    artifacts: &[NewArtifact],
-) -> Result<bool, sqlx::Error> {
+pub async fn complete(pool: &PgPool, job: &JobRow, artifacts: &[NewArtifact]) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE jobs SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL,

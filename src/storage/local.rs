@@ -44,9 +44,7 @@ impl Storage for LocalStorage {
     async fn put_file(&self, key: &str, file: &Path) -> Result<()> {
         let dest = self.path(key)?;
         if let Some(parent) = dest.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(io_err(key))?;
+            tokio::fs::create_dir_all(parent).await.map_err(io_err(key))?;
         }
         // Rename when the file is on the same filesystem; otherwise copy then remove.
         if tokio::fs::rename(file, &dest).await.is_err() {
@@ -70,9 +68,7 @@ impl Storage for LocalStorage {
         match range {
             None => Ok(Box::pin(ReaderStream::new(file))),
             Some(r) => {
-                file.seek(SeekFrom::Start(r.start))
-                    .await
-                    .map_err(io_err(key))?;
+                file.seek(SeekFrom::Start(r.start)).await.map_err(io_err(key))?;
                 Ok(Box::pin(ReaderStream::new(file.take(r.end - r.start))))
             }
         }
@@ -132,10 +128,7 @@ mod tests {
             b"234"
         );
         store.delete_prefix("a").await.unwrap();
-        assert!(matches!(
-            store.size("a/b/c.bin").await,
-            Err(StorageError::NotFound(_))
-        ));
+        assert!(matches!(store.size("a/b/c.bin").await, Err(StorageError::NotFound(_))));
         store.delete("a/b/c.bin").await.unwrap();
         assert!(matches!(
             store.read("../x", None).await,

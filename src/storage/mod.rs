@@ -68,9 +68,7 @@ pub fn check_key(key: &str) -> Result<()> {
             !seg.is_empty()
                 && seg != "."
                 && seg != ".."
-                && seg
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
     if ok {
         Ok(())
@@ -107,16 +105,7 @@ mod tests {
         let id = Uuid::new_v4();
         check_key(&model_key(id, id)).unwrap();
         check_key(&artifact_key(id, id, 2, "report.json")).unwrap();
-        for bad in [
-            "",
-            "../etc/passwd",
-            "a/../b",
-            "/abs",
-            "a//b",
-            "a/./b",
-            "a b",
-            "a\\b",
-        ] {
+        for bad in ["", "../etc/passwd", "a/../b", "/abs", "a//b", "a/./b", "a b", "a\\b"] {
             assert!(check_key(bad).is_err(), "{bad:?} was accepted");
         }
     }

@@ -45,10 +45,7 @@ fn failed(code: &str, message: impl Into<String>, retryable: bool) -> Outcome {
 
 pub async fn run(ctx: &WorkerContext, job: JobRow, shutdown: &CancellationToken) {
     tracing::info!(model_id = %job.model_id, "job attempt started");
-    let scratch = ctx
-        .config
-        .scratch_dir()
-        .join(format!("{}-{}", job.id, job.attempt));
+    let scratch = ctx.config.scratch_dir().join(format!("{}-{}", job.id, job.attempt));
     let outcome = match tokio::fs::create_dir_all(&scratch).await {
         Ok(()) => execute(ctx, &job, &scratch, shutdown).await,
         Err(e) => failed("io_error", format!("creating scratch space: {e}"), true),
@@ -76,8 +73,7 @@ async fn record(ctx: &WorkerContext, job: &JobRow, outcome: Outcome) -> Result<(
         }
         Outcome::Failed { error, retryable } => {
             discard_uploads(ctx, job).await;
-            let state =
-                queue::fail(pool, job, &error, retryable, ctx.config.worker.retry_base_s).await?;
+            let state = queue::fail(pool, job, &error, retryable, ctx.config.worker.retry_base_s).await?;
             tracing::warn!(code = %error.code, message = %error.message, ?state, "job attempt failed");
         }
         Outcome::Cancelled => {
@@ -99,22 +95,13 @@ async fn record(ctx: &WorkerContext, job: &JobRow, outcome: Outcome) -> Result<(
 }
 
 async fn discard_uploads(ctx: &WorkerContext, job: &JobRow) {
-    let prefix = format!(
-        "{}/{}",
-        storage::job_prefix(job.tenant_id, job.id),
-        job.attempt
-    );
+    let prefix = format!("{}/{}", storage::job_prefix(job.tenant_id, job.id), job.attempt);
     if let Err(e) = ctx.storage.delete_prefix(&prefix).await {
         tracing::warn!(error = %e, "removing this attempt's uploads failed");
     }
 }
 
-async fn execute(
-    ctx: &WorkerContext,
-    job: &JobRow,
-    scratch: &Path,
-    shutdown: &CancellationToken,
-) -> Outcome {
+async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &CancellationToken) -> Outcome {
     let model = match db::models::get(&ctx.pool, job.tenant_id, job.model_id).await {
         Ok(Some(m)) => m,
         Ok(None) => return failed("model_missing", "the job's model was deleted", false),
@@ -129,11 +116,7 @@ async fn execute(
     let config_path = scratch.join("config.toml");
     let written = toml::to_string(ctx.config.as_ref()).map_err(std::io::Error::other);
     if let Err(e) = async { tokio::fs::write(&config_path, written?).await }.await {
-        return failed(
-            "io_error",
-            format!("writing the job's configuration: {e}"),
-            true,
-        );
+        return failed("io_error", format!("writing the job's configuration: {e}"), true);
     }
     let mut child = match spawn(ctx, job, &config_path, &input, &out_dir) {
         Ok(c) => c,
@@ -175,19 +158,19 @@ async fn execute(
         retryable,
     }) = error.lock().unwrap().take()
     {
+        if out_of_memory(&message) {
+            return memory_limit(ctx, &message);
+        }
         return failed(&code, message, retryable);
     }
     let tail: Vec<String> = stderr_tail.lock().unwrap().iter().cloned().collect();
+    if tail.iter().any(|l| out_of_memory(l)) {
+        return memory_limit(ctx, &tail.join(" | "));
+    }
     failed("runtime_crashed", crash_message(status, &tail), true)
 }
 
-fn spawn(
-    ctx: &WorkerContext,
-    job: &JobRow,
-    config: &Path,
-    input: &Path,
-    out_dir: &Path,
-) -> std::io::Result<Child> {
+fn spawn(ctx: &WorkerContext, job: &JobRow, config: &Path, input: &Path, out_dir: &Path) -> std::io::Result<Child> {
     let mut cmd = Command::new(&ctx.runner);
     cmd.arg("--config")
         .arg(config)
@@ -203,7 +186,26 @@ fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .env("TMPDIR", out_dir.parent().unwrap_or(out_dir))
         .kill_on_drop(true);
+    let limit_mb = ctx.config.worker.job_memory_limit_mb;
+    if limit_mb > 0 {
+        let bytes = limit_mb.saturating_mul(1 << 20) as libc::rlim_t;
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
+        // closure touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if let Some(lib) = crate::eval::runtime::locate(&ctx.config.onnxruntime.dylib_path) {
         cmd.env("ORT_DYLIB_PATH", lib);
     }
@@ -220,7 +222,7 @@ async fn supervise(
     shutdown: &CancellationToken,
 ) -> Result<ExitStatus, Outcome> {
     let cfg = &ctx.config.worker;
-    let deadline = Instant::now() + Duration::from_secs(cfg.job_timeout_s);
+    let deadline = Instant::now() + Duration::from_secs(job.timeout_s.max(1) as u64);
     // Renewing also reads cancel_requested, so renew often enough that a cancel lands within
     // about a second, and at least three times per lease.
     let renew_every = Duration::from_secs_f64((cfg.lease_s as f64 / 3.0).min(1.0));
@@ -234,7 +236,8 @@ async fn supervise(
                 return status.map_err(|e| failed("runtime_crashed", format!("waiting for the job process: {e}"), true));
             }
             _ = tokio::time::sleep_until(deadline) => {
-                return Err(failed("timeout", format!("the attempt ran past worker.job_timeout_s ({}s)", cfg.job_timeout_s), false));
+                let message = format!("the attempt ran past the job's time limit ({}s)", job.timeout_s);
+                return Err(failed("timeout", message, false));
             }
             _ = shutdown.cancelled(), if grace_until.is_none() => {
                 grace_until = Some(Instant::now() + Duration::from_secs(ctx.config.server.shutdown_grace_s));
@@ -272,9 +275,7 @@ async fn read_events(
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Progress { stage, percent }) => {
-                *progress.lock().unwrap() = Some((stage, percent))
-            }
+            Ok(Event::Progress { stage, percent }) => *progress.lock().unwrap() = Some((stage, percent)),
             Ok(e @ Event::Error { .. }) => *error.lock().unwrap() = Some(e),
             Ok(Event::Done) => {}
             Err(_) => tracing::debug!(line, "job process output"),
@@ -293,6 +294,32 @@ async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeq
         }
         t.push_back(line);
     }
+}
+
+/// Whether an error or a dying process's output says an allocation failed: ONNX Runtime reports
+/// `bad_alloc`/"Failed to allocate", Rust aborts with "memory allocation of N bytes failed".
+fn out_of_memory(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    [
+        "bad_alloc",
+        "bad allocation",
+        "failed to allocate",
+        "memory allocation of",
+        "out of memory",
+    ]
+    .iter()
+    .any(|needle| t.contains(needle))
+}
+
+/// Running out of memory repeats on every attempt, so it is not retried.
+fn memory_limit(ctx: &WorkerContext, detail: &str) -> Outcome {
+    let limit = ctx.config.worker.job_memory_limit_mb;
+    let what = if limit > 0 {
+        format!("the job ran out of memory (limit worker.job_memory_limit_mb = {limit} MiB)")
+    } else {
+        "the job ran out of memory".to_string()
+    };
+    failed("memory_limit", format!("{what}: {detail}"), false)
 }
 
 fn crash_message(status: ExitStatus, tail: &[String]) -> String {

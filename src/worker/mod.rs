@@ -32,11 +32,7 @@ pub struct WorkerContext {
 }
 
 impl WorkerContext {
-    pub fn new(
-        pool: PgPool,
-        storage: Arc<dyn Storage>,
-        config: Arc<Config>,
-    ) -> std::io::Result<Self> {
+    pub fn new(pool: PgPool, storage: Arc<dyn Storage>, config: Arc<Config>) -> std::io::Result<Self> {
         let runner = if config.worker.runner.is_empty() {
             std::env::current_exe()?
         } else {
@@ -99,10 +95,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
         }
     }
-    tracing::info!(
-        running = running.len(),
-        "worker stopping; waiting for running jobs"
-    );
+    tracing::info!(running = running.len(), "worker stopping; waiting for running jobs");
     while running.join_next().await.is_some() {}
     rescuer.abort();
     tracing::info!("worker stopped");
@@ -136,9 +129,7 @@ async fn wait_for_notification(listener: &mut Option<PgListener>) {
 }
 
 async fn rescue_loop(ctx: WorkerContext, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(
-        ctx.config.worker.rescue_interval_s.max(1),
-    ));
+    let mut tick = tokio::time::interval(Duration::from_secs(ctx.config.worker.rescue_interval_s.max(1)));
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -44,11 +44,7 @@ impl TestApp {
         Self::spawn_with(pool, false, |_| {}).await
     }
 
-    pub async fn spawn_with(
-        pool: PgPool,
-        workers: bool,
-        tweak: impl FnOnce(&mut Config),
-    ) -> TestApp {
+    pub async fn spawn_with(pool: PgPool, workers: bool, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let data_dir = tempfile::tempdir().unwrap();
         let mut config = test_config(data_dir.path());
         tweak(&mut config);
@@ -96,37 +92,19 @@ impl TestApp {
     /// Uploads and returns the model id, asserting success.
     pub async fn upload_ok(&self, bytes: Vec<u8>) -> String {
         let r = self.upload(bytes).await;
-        assert_eq!(
-            r.status(),
-            201,
-            "upload failed: {}",
-            r.text().await.unwrap()
-        );
-        r.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        assert_eq!(r.status(), 201, "upload failed: {}", r.text().await.unwrap());
+        r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
     }
 
     pub async fn submit(&self, body: Value) -> reqwest::Response {
-        self.client
-            .post(self.url("/v1/jobs"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+        self.client.post(self.url("/v1/jobs")).json(&body).send().await.unwrap()
     }
 
     pub async fn submit_ok(&self, model_id: &str, recipe: Value) -> Value {
         let r = self
             .submit(serde_json::json!({"model_id": model_id, "recipe": recipe}))
             .await;
-        assert_eq!(
-            r.status(),
-            201,
-            "submit failed: {}",
-            r.text().await.unwrap()
-        );
+        assert_eq!(r.status(), 201, "submit failed: {}", r.text().await.unwrap());
         r.json().await.unwrap()
     }
 
@@ -134,12 +112,7 @@ impl TestApp {
     pub async fn wait_for_job(&self, id: &str) -> Value {
         let start = Instant::now();
         loop {
-            let job: Value = self
-                .get(&format!("/v1/jobs/{id}"))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let job: Value = self.get(&format!("/v1/jobs/{id}")).await.json().await.unwrap();
             if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap()) {
                 return job;
             }
@@ -156,11 +129,7 @@ impl TestApp {
         fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
             for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 let p = entry.path();
-                if p.is_dir() {
-                    walk(&p, out)
-                } else {
-                    out.push(p)
-                }
+                if p.is_dir() { walk(&p, out) } else { out.push(p) }
             }
         }
         let mut files = Vec::new();
@@ -199,12 +168,9 @@ pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) 
         content_type.starts_with("application/json"),
         "error without JSON content type: {content_type}"
     );
-    let body: Value =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
     assert_eq!(body["error"]["code"], code, "{body}");
-    let message = body["error"]["message"]
-        .as_str()
-        .expect("error.message is a string");
+    let message = body["error"]["message"].as_str().expect("error.message is a string");
     assert!(!message.is_empty());
     message.to_string()
 }
@@ -247,20 +213,10 @@ pub fn fake_runner(dir: &std::path::Path, name: &str, body: &str) -> String {
 }
 
 /// Polls the job until `pred` holds (or panics after `secs`).
-pub async fn wait_until(
-    app: &TestApp,
-    id: &str,
-    secs: u64,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
+pub async fn wait_until(app: &TestApp, id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
-        let job: Value = app
-            .get(&format!("/v1/jobs/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let job: Value = app.get(&format!("/v1/jobs/{id}")).await.json().await.unwrap();
         if pred(&job) {
             return job;
         }
