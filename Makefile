@@ -4,13 +4,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help setup run test lint check build clean-data
+.PHONY: help setup run test lint check build bench clean-data
 
 help:
 	@echo "make run    - build and serve on 127.0.0.1:8080 (API + workers)"
 	@echo "make test   - lint, then all tests against a real PostgreSQL and ONNX Runtime"
 	@echo "make setup  - install the project-local Python env (.venv) with ONNX Runtime 1.31"
 	@echo "make lint   - rustfmt and clippy (-D warnings)"
+	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
 
 setup:
 	@scripts/ensure-python.sh
@@ -31,6 +32,9 @@ test: setup lint
 	  $(CARGO) test --all-targets
 
 check: test
+
+bench: setup
+	bench/run.sh
 
 clean-data:
 	rm -rf data

@@ -457,3 +457,37 @@ async fn many_workers_in_and_out_of_process_drain_the_queue_completing_each_job_
     let workers: std::collections::HashSet<_> = rows.iter().filter_map(|r| r.3.clone()).collect();
     assert!(workers.len() >= 2, "the work was shared: {workers:?}");
 }
+
+#[sqlx::test]
+async fn sigterm_to_a_worker_process_releases_its_running_job(pool: PgPool) {
+    let scripts = tempfile::tempdir().unwrap();
+    let runner = fake_runner(scripts.path(), "slow.sh", "exec sleep 60");
+    let api = TestApp::spawn_without_workers(pool.clone()).await;
+    let model_id = api.upload_ok(tiny_mlp_bytes(11)).await;
+    let job = api.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut worker = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+            .arg("worker")
+            .env("DATABASE_URL", database_url(&pool))
+            .env("MODELPRESS_WORKER__RUNNER", &runner)
+            .env("MODELPRESS_SERVER__SHUTDOWN_GRACE_S", "1")
+            .env("MODELPRESS_SERVER__DATA_DIR", api.data_dir.path())
+            .env("MODELPRESS_DATABASE__MAX_CONNECTIONS", "4")
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(&api, &id, 30, |j| j["state"] == "running").await;
+
+    // SAFETY: sending a signal to a child process this test owns.
+    assert_eq!(unsafe { libc::kill(worker.0.id() as i32, libc::SIGTERM) }, 0);
+    let status = worker.0.wait().unwrap();
+
+    assert!(status.success(), "the worker exits cleanly on SIGTERM: {status}");
+    let row = queue::get(&pool, DEFAULT_TENANT, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.state, JobState::Queued, "released for another worker");
+    assert_eq!(row.attempt, 0);
+}
