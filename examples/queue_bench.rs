@@ -51,6 +51,7 @@ async fn run(opts: PgConnectOptions) -> anyhow::Result<String> {
             sha256: "0",
             storage_key: "bench",
             summary: &summary,
+            files: &[],
         },
     )
     .await?;

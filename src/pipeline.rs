@@ -15,7 +15,7 @@ use crate::eval::inputs;
 use crate::eval::latency::{self, Latency};
 use crate::eval::session::{OutputTensor, PreparedInputs};
 use crate::eval::{Runtime, RuntimeError};
-use crate::onnx::{self, ModelSummary};
+use crate::onnx::{self, ModelSummary, external};
 use crate::report::{self, Environment, Measurement, PassRecord, Report};
 
 pub const MODEL_ARTIFACT: &str = "model.onnx";
@@ -84,13 +84,32 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     let work = tempfile::tempdir_in(out_dir).map_err(io("creating scratch space"))?;
     let original = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
     let original_summary = ModelSummary::of(&original);
-    drop(original);
+    let model_dir = model
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let data_files = external::check(&original, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+    let mut original_size = size(model)?;
+    for file in &data_files {
+        original_size += size(&model_dir.join(file))?;
+    }
     // Load in ORT before any pass runs, so "ORT cannot load this model" is reported as such.
     runtime
         .session(model, eval.threads)
         .map_err(|e| PipelineError::ModelLoad(e.to_string()))?;
 
+    // Passes see a self-contained copy: external data is pulled into the model (and written out
+    // again beside the copy only if the model would not fit in one protobuf), so a pass's output
+    // never refers to files in the original's folder.
     let mut current: PathBuf = model.to_path_buf();
+    if !data_files.is_empty() {
+        let mut inlined = original;
+        external::internalize(&mut inlined, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+        current = work.path().join("input.onnx");
+        external::save(&inlined, &current, None).map_err(|e| PipelineError::Io(e.to_string()))?;
+    } else {
+        drop(original);
+    }
     let mut passes = Vec::new();
     let mut warnings = Vec::new();
     let steps = recipe.0.len();
@@ -160,11 +179,6 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         warnings.push("some outputs are not numeric tensors; fidelity covers the numeric ones only".into());
     }
 
-    let size = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.len())
-            .map_err(io("reading a model's size"))
-    };
     let measurement = |size_bytes, parameters, latency: Latency, fidelity: Fidelity| Measurement {
         size_bytes,
         parameters,
@@ -188,7 +202,12 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
             dynamic_dim_default: eval.dynamic_dim,
         },
         inputs: tensors.iter().map(|t| t.describe()).collect(),
-        original: measurement(size(model)?, original_summary.parameters, original_latency, noise_floor),
+        original: measurement(
+            original_size,
+            original_summary.parameters,
+            original_latency,
+            noise_floor,
+        ),
         result: measurement(
             size(&result_path)?,
             result_summary.parameters,
@@ -201,6 +220,12 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     write_json(&out_dir.join(REPORT_ARTIFACT), &report)?;
     progress("done", 100.0);
     Ok(report)
+}
+
+fn size(p: &Path) -> Result<u64, PipelineError> {
+    std::fs::metadata(p)
+        .map(|m| m.len())
+        .map_err(io("reading a model's size"))
 }
 
 fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, PipelineError> {

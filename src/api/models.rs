@@ -12,10 +12,11 @@ use super::AppState;
 use super::download;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query, Tenant};
-use super::upload::{self, Staged};
-use crate::db::models::{self as db_models, DeleteOutcome, ModelRow, NewModel};
+use super::upload::{self, Written};
+use crate::db::models::{self as db_models, DeleteOutcome, ModelFile, ModelRow, NewModel};
 use crate::db::page::{self, Cursor};
-use crate::onnx::{self, ModelSummary};
+use crate::onnx::bundle::{self, ArchiveKind, BundleError};
+use crate::onnx::{self, ModelSummary, external};
 use crate::storage;
 
 #[derive(Debug, Serialize)]
@@ -26,6 +27,15 @@ pub struct Model {
     pub sha256: String,
     pub created_at: DateTime<Utc>,
     pub summary: ModelSummary,
+    /// External-data files stored with the model (bundles); empty for self-contained models.
+    pub files: Vec<ModelFileInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelFileInfo {
+    pub path: String,
+    pub size_bytes: i64,
+    pub sha256: String,
 }
 
 impl From<ModelRow> for Model {
@@ -37,6 +47,16 @@ impl From<ModelRow> for Model {
             sha256: r.sha256,
             created_at: r.created_at,
             summary: r.summary.0,
+            files: r
+                .files
+                .0
+                .into_iter()
+                .map(|f| ModelFileInfo {
+                    path: f.path,
+                    size_bytes: f.size_bytes,
+                    sha256: f.sha256,
+                })
+                .collect(),
         }
     }
 }
@@ -97,6 +117,9 @@ fn clean_name(raw: Option<&str>) -> String {
     if cleaned.is_empty() { "model".into() } else { cleaned }
 }
 
+/// Where the model file goes inside its upload folder; its external-data files sit beside it.
+const MODEL_FILE: &str = "model.onnx";
+
 pub async fn upload(
     State(state): State<AppState>,
     tenant: Tenant,
@@ -119,72 +142,215 @@ pub async fn upload(
         .unwrap_or("")
         .to_ascii_lowercase();
     let staging = state.config.staging_dir();
-    let (staged, filename) = if content_type.starts_with("application/octet-stream") {
+    tokio::fs::create_dir_all(&staging)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("creating the staging folder: {e}")))?;
+    let internal = |e: std::io::Error| ApiError::Internal(e.into());
+    // Removed with everything in it when the upload ends, stored or not.
+    let folder = tempfile::tempdir_in(&staging).map_err(internal)?;
+    let model_path = folder.path().join(MODEL_FILE);
+    let archive = match content_type.split(';').next().unwrap_or("").trim() {
+        "application/zip" | "application/x-zip-compressed" => Some(ArchiveKind::Zip),
+        "application/x-tar" | "application/tar" => Some(ArchiveKind::Tar),
+        _ => None,
+    };
+    let (written, filename) = if content_type.starts_with("application/octet-stream") {
         let body = request.into_body().into_data_stream();
-        (upload::stage(&staging, body, limit).await?, None)
+        (Some(upload::stage(&model_path, body, limit).await?), None)
+    } else if let Some(kind) = archive {
+        // The archive is staged outside the model's folder, then unpacked into it.
+        let holder = tempfile::tempdir_in(&staging).map_err(internal)?;
+        let archive_path = holder.path().join("bundle");
+        upload::stage(&archive_path, request.into_body().into_data_stream(), limit).await?;
+        let dest = folder.path().join("bundle");
+        tokio::task::spawn_blocking(move || bundle::extract(&archive_path, kind, &dest, limit))
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?
+            .map_err(|e| match e {
+                BundleError::TooLarge { .. } => ApiError::InvalidModel(e.to_string()),
+                BundleError::Invalid(m) => ApiError::InvalidModel(format!("invalid bundle: {m}")),
+                BundleError::Io(e) => ApiError::Internal(e.into()),
+            })?;
+        (None, None)
     } else if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(request, &state)
-            .await
-            .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-        let mut found = None;
-        while let Some(field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())))?
-        {
-            if field.name() == Some("file") {
-                let filename = field.file_name().map(str::to_string);
-                found = Some((upload::stage(&staging, field, limit).await?, filename));
-                break;
-            }
-        }
-        found.ok_or_else(|| ApiError::InvalidRequest("the multipart body has no part named \"file\"".into()))?
+        let filename = stage_multipart(&state, request, folder.path(), &model_path, limit).await?;
+        (None, filename)
     } else {
         return Err(ApiError::UnsupportedMediaType(
-            "upload the model as application/octet-stream or as multipart/form-data with a part named \"file\"".into(),
+            "upload the model as application/octet-stream, as a .zip or .tar bundle (application/zip, \
+             application/x-tar), or as multipart/form-data with a part named \"file\""
+                .into(),
         ));
     };
-    let name = clean_name(query.name.as_deref().or(filename.as_deref()));
-    let model = store_model(&state, tenant, staged, &name).await?;
+    let model_path = match archive {
+        Some(_) => {
+            bundle::find_model(&folder.path().join("bundle")).map_err(|e| ApiError::InvalidModel(e.to_string()))?
+        }
+        None => model_path,
+    };
+    let name = clean_name(
+        query
+            .name
+            .as_deref()
+            .or(filename.as_deref())
+            .or_else(|| archive.and_then(|_| model_path.file_name().and_then(|n| n.to_str()))),
+    );
+    let model = store_model(&state, tenant, &model_path, written, &name).await?;
+    drop(folder);
     let location = format!("/v1/models/{}", model.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(model)).into_response())
 }
 
-/// Parses the staged file as ONNX, moves it into storage and records it. An invalid model leaves
-/// nothing behind: the staged file is deleted when `staged` drops.
-async fn store_model(state: &AppState, tenant: Tenant, staged: Staged, name: &str) -> ApiResult<Model> {
-    if staged.size == 0 {
-        return Err(ApiError::InvalidModel("the upload is empty".into()));
-    }
-    let path = staged.path.to_path_buf();
-    let summary = tokio::task::spawn_blocking(move || onnx::load(&path).map(|m| ModelSummary::of(&m)))
+/// Multipart: the part named `file` is the model; parts named `data` carry external-data files,
+/// each stored under its filename (a relative path such as `weights/w.bin`). Returns the model
+/// part's filename.
+async fn stage_multipart(
+    state: &AppState,
+    request: Request,
+    folder: &std::path::Path,
+    model_path: &std::path::Path,
+    limit: u64,
+) -> ApiResult<Option<String>> {
+    let mut multipart = Multipart::from_request(request, state)
         .await
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .map_err(|e| ApiError::InvalidModel(e.to_string()))?;
+        .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let mut budget = limit;
+    let mut model_filename = None;
+    let mut saw_model = false;
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text())))?
+    {
+        let path = match field.name() {
+            Some("file") => {
+                if saw_model {
+                    return Err(ApiError::InvalidRequest(
+                        "the upload has two parts named \"file\"".into(),
+                    ));
+                }
+                saw_model = true;
+                model_filename = field.file_name().map(str::to_string);
+                model_path.to_path_buf()
+            }
+            Some("data") => {
+                let location = field
+                    .file_name()
+                    .ok_or_else(|| ApiError::InvalidRequest("a \"data\" part needs a filename".into()))?
+                    .to_string();
+                external::check_location(&location)
+                    .map_err(|why| ApiError::InvalidModel(format!("data part {location:?}: the name {why}")))?;
+                if location == MODEL_FILE {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "a data part may not be named {MODEL_FILE:?}"
+                    )));
+                }
+                folder.join(location)
+            }
+            _ => continue,
+        };
+        let written = upload::stage(&path, field, budget).await.map_err(|e| match e {
+            ApiError::PayloadTooLarge(_) => upload::too_large(limit),
+            other => other,
+        })?;
+        budget -= written.size;
+    }
+    if !saw_model {
+        return Err(ApiError::InvalidRequest(
+            "the multipart body has no part named \"file\"".into(),
+        ));
+    }
+    Ok(model_filename)
+}
+
+/// Parses the model, checks its external data against the files uploaded with it, moves model and
+/// files into storage and records them. An invalid model leaves nothing behind (the upload folder is
+/// removed by the caller).
+async fn store_model(
+    state: &AppState,
+    tenant: Tenant,
+    model_path: &std::path::Path,
+    written: Option<Written>,
+    name: &str,
+) -> ApiResult<Model> {
+    let path = model_path.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || -> Result<_, crate::onnx::OnnxError> {
+        let model = onnx::decode(&std::fs::read(&path).map_err(|source| crate::onnx::OnnxError::Io {
+            path: path.display().to_string(),
+            source,
+        })?)?;
+        let dir = path.parent().expect("the model sits in its upload folder");
+        let used = external::check(&model, dir)?;
+        Ok((ModelSummary::of(&model), used))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.into()))?;
+    let (summary, used) = match checked {
+        Ok(ok) => ok,
+        Err(crate::onnx::OnnxError::Io { source, .. }) if source.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ApiError::Internal(source.into()));
+        }
+        Err(e) => return Err(ApiError::InvalidModel(e.to_string())),
+    };
+    let Written { size, sha256 } = match written {
+        Some(w) => w,
+        None => {
+            let (size, sha256) = storage::hash_file(model_path)
+                .await
+                .map_err(|e| ApiError::Internal(e.into()))?;
+            Written { size, sha256 }
+        }
+    };
     let id = Uuid::new_v4();
+    let dir = model_path.parent().expect("the model sits in its upload folder");
+    let mut files = Vec::new();
+    let mut total = size;
+    for (n, location) in used.iter().enumerate() {
+        let (file_size, file_sha) = storage::hash_file(&dir.join(location))
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        total += file_size;
+        files.push(ModelFile {
+            path: location.clone(),
+            size_bytes: file_size as i64,
+            sha256: file_sha,
+            storage_key: storage::model_file_key(tenant.0, id, n),
+        });
+    }
     let key = storage::model_key(tenant.0, id);
-    state.storage.put_file(&key, &staged.path).await?;
-    let row = db_models::insert(
-        &state.pool,
-        NewModel {
-            id,
-            tenant_id: tenant.0,
-            name,
-            size_bytes: staged.size as i64,
-            sha256: &staged.sha256,
-            storage_key: &key,
-            summary: &summary,
-        },
-    )
+    let stored = async {
+        for f in &files {
+            state.storage.put_file(&f.storage_key, &dir.join(&f.path)).await?;
+        }
+        state.storage.put_file(&key, model_path).await
+    }
     .await;
+    let row = match stored {
+        Ok(()) => db_models::insert(
+            &state.pool,
+            NewModel {
+                id,
+                tenant_id: tenant.0,
+                name,
+                size_bytes: total as i64,
+                sha256: &sha256,
+                storage_key: &key,
+                summary: &summary,
+                files: &files,
+            },
+        )
+        .await
+        .map_err(ApiError::from),
+        Err(e) => Err(ApiError::from(e)),
+    };
     match row {
         Ok(row) => {
-            tracing::info!(model_id = %id, size = staged.size, "model stored");
+            tracing::info!(model_id = %id, size = total, files = files.len(), "model stored");
             Ok(row.into())
         }
         Err(e) => {
-            let _ = state.storage.delete(&key).await;
-            Err(e.into())
+            let _ = state.storage.delete_prefix(&storage::model_prefix(tenant.0, id)).await;
+            Err(e)
         }
     }
 }
@@ -238,9 +404,10 @@ pub async fn content(
 
 pub async fn delete(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
     match db_models::delete(&state.pool, tenant.0, id).await? {
-        DeleteOutcome::Deleted(key) => {
-            if let Err(e) = state.storage.delete(&key).await {
-                tracing::warn!(error = %e, key, "model row deleted but its bytes could not be removed");
+        DeleteOutcome::Deleted => {
+            let prefix = storage::model_prefix(tenant.0, id);
+            if let Err(e) = state.storage.delete_prefix(&prefix).await {
+                tracing::warn!(error = %e, prefix, "model row deleted but its bytes could not be removed");
             }
             Ok(StatusCode::NO_CONTENT)
         }

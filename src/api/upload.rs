@@ -1,5 +1,6 @@
-//! Streaming an upload to a staging file: hashed on the way, cut off at the size limit, removed
-//! automatically unless the caller keeps it. The body is never held whole in memory.
+//! Streaming an upload to disk: hashed on the way, cut off at the size limit. The body is never held
+//! whole in memory. Each upload gets its own folder, so a model's external-data references can only
+//! ever see the files uploaded with it.
 
 use std::path::Path;
 
@@ -10,25 +11,37 @@ use tokio::io::AsyncWriteExt;
 
 use super::error::{ApiError, ApiResult};
 
-pub struct Staged {
-    /// Deleted on drop unless moved into storage first.
-    pub path: tempfile::TempPath,
+/// Bytes written and their sha256.
+pub struct Written {
     pub size: u64,
     pub sha256: String,
 }
 
-pub async fn stage<S, E>(dir: &Path, stream: S, limit: u64) -> ApiResult<Staged>
+/// Writes `stream` to the new file `path`, refusing to go past `limit` bytes.
+pub async fn stage<S, E>(path: &Path, stream: S, limit: u64) -> ApiResult<Written>
 where
     S: Stream<Item = Result<Bytes, E>>,
     E: std::fmt::Display,
 {
-    tokio::fs::create_dir_all(dir)
+    let internal =
+        |what: &str, e: std::io::Error| ApiError::Internal(anyhow::anyhow!("{what} {}: {e}", path.display()));
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| internal("creating", e))?;
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
         .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("creating the staging folder: {e}")))?;
-    let (file, path) = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("creating a staging file: {e}")))?
-        .into_parts();
-    let mut file = tokio::fs::File::from_std(file);
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ApiError::InvalidRequest(format!(
+                "two parts of the upload are named {:?}",
+                path.file_name().unwrap_or_default()
+            )),
+            _ => internal("creating", e),
+        })?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = std::pin::pin!(stream);
@@ -39,15 +52,10 @@ where
             return Err(too_large(limit));
         }
         hasher.update(&chunk);
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("writing the staging file: {e}")))?;
+        file.write_all(&chunk).await.map_err(|e| internal("writing", e))?;
     }
-    file.flush()
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("writing the staging file: {e}")))?;
-    Ok(Staged {
-        path,
+    file.flush().await.map_err(|e| internal("writing", e))?;
+    Ok(Written {
         size,
         sha256: hex::encode(hasher.finalize()),
     })

@@ -18,6 +18,17 @@ pub struct ModelRow {
     pub storage_key: String,
     pub summary: Json<ModelSummary>,
     pub created_at: DateTime<Utc>,
+    pub files: Json<Vec<ModelFile>>,
+}
+
+/// An external-data file stored with a model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelFile {
+    /// Relative to the model's folder, as the model's `external_data` locations name it.
+    pub path: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub storage_key: String,
 }
 
 pub struct NewModel<'a> {
@@ -28,12 +39,13 @@ pub struct NewModel<'a> {
     pub sha256: &'a str,
     pub storage_key: &'a str,
     pub summary: &'a ModelSummary,
+    pub files: &'a [ModelFile],
 }
 
 pub async fn insert(pool: &PgPool, m: NewModel<'_>) -> Result<ModelRow, sqlx::Error> {
     sqlx::query_as(
-        "INSERT INTO models (id, tenant_id, name, size_bytes, sha256, storage_key, summary)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO models (id, tenant_id, name, size_bytes, sha256, storage_key, summary, files)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          RETURNING *",
     )
     .bind(m.id)
@@ -43,6 +55,7 @@ pub async fn insert(pool: &PgPool, m: NewModel<'_>) -> Result<ModelRow, sqlx::Er
     .bind(m.sha256)
     .bind(m.storage_key)
     .bind(Json(m.summary))
+    .bind(Json(m.files))
     .fetch_one(pool)
     .await
 }
@@ -77,26 +90,26 @@ pub async fn list(
 }
 
 pub enum DeleteOutcome {
-    /// Deleted; the caller removes the bytes at this storage key.
-    Deleted(String),
+    /// Deleted; the caller removes the model's bytes.
+    Deleted,
     NotFound,
     /// A queued or running job still needs the model.
     InUse,
 }
 
 pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<DeleteOutcome, sqlx::Error> {
-    let deleted: Option<(String,)> = sqlx::query_as(
+    let deleted: Option<(Uuid,)> = sqlx::query_as(
         "DELETE FROM models m
          WHERE m.id = $1 AND m.tenant_id = $2
            AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.model_id = m.id AND j.state IN ('queued', 'running'))
-         RETURNING m.storage_key",
+         RETURNING m.id",
     )
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
     .await?;
     Ok(match deleted {
-        Some((key,)) => DeleteOutcome::Deleted(key),
+        Some(_) => DeleteOutcome::Deleted,
         None if get(pool, tenant, id).await?.is_some() => DeleteOutcome::InUse,
         None => DeleteOutcome::NotFound,
     })

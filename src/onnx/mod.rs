@@ -2,8 +2,12 @@
 //! model summary. Nothing here knows about the database, HTTP or ONNX Runtime.
 
 pub mod builder;
+pub mod bundle;
 pub mod dtype;
+pub mod external;
+pub mod graph;
 pub mod summary;
+pub mod tensor;
 
 use std::path::Path;
 
@@ -44,13 +48,20 @@ pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
     Ok(model)
 }
 
-/// Reads, decodes and validates a model file.
+/// Reads, decodes and validates a model file, and checks its external data files (if any) in the
+/// model's folder.
 pub fn load(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    decode(&bytes)
+    let model = decode(&bytes)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    external::check(&model, dir)?;
+    Ok(model)
 }
 
 pub fn encode(model: &ModelProto) -> Vec<u8> {
@@ -86,7 +97,9 @@ fn validate(model: &ModelProto) -> Result<()> {
     if graph.output.is_empty() {
         return invalid("the graph declares no outputs".into());
     }
-    validate_graph(graph, "graph", 0)
+    validate_graph(graph, "graph", 0)?;
+    tensor::for_each_tensor(model, &mut |t, at| tensor::check_inline(t, at))?;
+    external::check_syntax(model)
 }
 
 fn validate_graph(graph: &proto::GraphProto, at: &str, depth: usize) -> Result<()> {

@@ -24,6 +24,31 @@ pub struct ModelSummary {
     /// Nodes per operator; operators outside the default domain are keyed `domain::OpType`.
     pub op_counts: BTreeMap<String, u64>,
     pub nodes: u64,
+    /// Stored weights by element type: how many elements and how many bytes.
+    #[serde(default)]
+    pub parameters_by_dtype: BTreeMap<String, DtypeTotals>,
+    /// Multiply-accumulates of the weight-bearing MatMul/Gemm/Conv nodes for one sample, where the
+    /// shapes are known (dynamic dimensions count as 1).
+    #[serde(default)]
+    pub estimated_macs: MacEstimate,
+    /// Nodes the compression passes can work on: MatMul/Gemm and Conv whose weight is stored in
+    /// the model.
+    #[serde(default)]
+    pub compressible: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DtypeTotals {
+    pub elements: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MacEstimate {
+    pub total: u64,
+    /// Weight-bearing nodes counted, and those left out because a shape was unknown.
+    pub counted_nodes: u64,
+    pub uncounted_nodes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,22 +90,36 @@ impl ModelSummary {
         let mut parameters = 0u64;
         let mut nodes = 0u64;
         let mut op_counts = BTreeMap::new();
+        let mut by_dtype: BTreeMap<String, DtypeTotals> = BTreeMap::new();
+        let mut macs = MacEstimate::default();
+        let mut compressible: BTreeMap<String, u64> = BTreeMap::new();
+        let mut count = |t: &proto::TensorProto| {
+            let n = element_count(t);
+            let totals = by_dtype.entry(dtype::name(t.data_type())).or_default();
+            totals.elements += n;
+            totals.bytes += super::tensor::raw_byte_len(t.data_type(), n).unwrap_or(0);
+            n
+        };
         for_each_graph(&graph, &mut |g| {
-            parameters += g.initializer.iter().map(element_count).sum::<u64>();
+            parameters += g.initializer.iter().map(&mut count).sum::<u64>();
             parameters += g
                 .sparse_initializer
                 .iter()
                 .filter_map(|s| s.values.as_ref())
-                .map(element_count)
+                .map(&mut count)
                 .sum::<u64>();
+            let weights = weight_shapes(g);
             for node in &g.node {
                 nodes += 1;
+                if let Some(kind) = node_macs(g, node, &weights, &mut macs) {
+                    *compressible.entry(kind.to_string()).or_insert(0) += 1;
+                }
                 if node.op_type() == "Constant" && matches!(node.domain(), "" | DEFAULT_DOMAIN) {
                     parameters += node
                         .attribute
                         .iter()
                         .filter_map(|a| a.t.as_ref())
-                        .map(element_count)
+                        .map(&mut count)
                         .sum::<u64>();
                 }
                 *op_counts.entry(op_key(node)).or_insert(0) += 1;
@@ -104,7 +143,82 @@ impl ModelSummary {
             parameters,
             op_counts,
             nodes,
+            parameters_by_dtype: by_dtype,
+            estimated_macs: macs,
+            compressible,
         }
+    }
+}
+
+/// Shapes of the weights stored in a graph: initializers and `Constant` outputs.
+fn weight_shapes(g: &proto::GraphProto) -> std::collections::HashMap<&str, &[i64]> {
+    let mut shapes: std::collections::HashMap<&str, &[i64]> =
+        g.initializer.iter().map(|t| (t.name(), t.dims.as_slice())).collect();
+    for node in g.node.iter().filter(|n| n.op_type() == "Constant") {
+        if let (Some(out), Some(t)) = (node.output.first(), node.attribute.iter().find_map(|a| a.t.as_ref())) {
+            shapes.insert(out.as_str(), t.dims.as_slice());
+        }
+    }
+    shapes
+}
+
+/// Declared dims of a value, with dynamic dimensions as 1.
+fn declared_dims(g: &proto::GraphProto, name: &str) -> Option<Vec<u64>> {
+    let vi = super::graph::value_info(g, name)?;
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    Some(
+        dims(t.shape.as_ref()?)
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(v) => (*v).max(0) as u64,
+                _ => 1,
+            })
+            .collect(),
+    )
+}
+
+/// Adds a weight-bearing node's MACs to `macs` and says what kind of compressible node it is.
+fn node_macs(
+    g: &proto::GraphProto,
+    node: &proto::NodeProto,
+    weights: &std::collections::HashMap<&str, &[i64]>,
+    macs: &mut MacEstimate,
+) -> Option<&'static str> {
+    if !matches!(node.domain(), "" | DEFAULT_DOMAIN) {
+        return None;
+    }
+    let weight = |i: usize| node.input.get(i).and_then(|n| weights.get(n.as_str())).copied();
+    let product = |d: &[i64]| d.iter().map(|&v| v.max(0) as u64).product::<u64>();
+    match node.op_type() {
+        "MatMul" | "Gemm" => {
+            let w = weight(1).filter(|w| w.len() == 2)?;
+            // Rows of the activation: every leading dim but the last (1 when unknown or dynamic).
+            let rows = node
+                .input
+                .first()
+                .and_then(|a| declared_dims(g, a))
+                .map(|d| d[..d.len().saturating_sub(1)].iter().product::<u64>())
+                .unwrap_or(1);
+            macs.total += rows.saturating_mul(product(w));
+            macs.counted_nodes += 1;
+            Some("matmul_gemm")
+        }
+        "Conv" => {
+            let w = weight(1).filter(|w| w.len() >= 3)?;
+            // Each output position costs Cout * (Cin/groups) * kernel MACs.
+            match node.output.first().and_then(|o| declared_dims(g, o)) {
+                Some(out) if out.len() == w.len() => {
+                    let positions: u64 = out[2..].iter().product();
+                    macs.total += positions.saturating_mul(product(w));
+                    macs.counted_nodes += 1;
+                }
+                _ => macs.uncounted_nodes += 1,
+            }
+            Some("conv")
+        }
+        _ => None,
     }
 }
 
@@ -190,6 +304,12 @@ mod tests {
                 version: 17
             }]
         );
+        assert_eq!(summary.parameters_by_dtype["float32"].bytes, 4 * p as u64);
+        assert_eq!(summary.compressible.get("matmul_gemm"), Some(&2));
+        // Per sample: 16x32 + 32x10 multiply-accumulates.
+        let macs = builder::MLP_IN * builder::MLP_HIDDEN + builder::MLP_HIDDEN * builder::MLP_OUT;
+        assert_eq!(summary.estimated_macs.total, macs as u64);
+        assert_eq!(summary.estimated_macs.counted_nodes, 2);
         let json = serde_json::to_value(&summary).unwrap();
         assert_eq!(
             json["inputs"][0]["shape"],

@@ -49,8 +49,17 @@ pub trait Storage: Send + Sync + 'static {
 /// Keys: `tenants/<tenant>/models/<model>/model.onnx` and
 /// `tenants/<tenant>/jobs/<job>/<attempt>/<artifact>`. The attempt keeps a fenced-out worker's
 /// uploads from overwriting the winner's.
+pub fn model_prefix(tenant: Uuid, model: Uuid) -> String {
+    format!("tenants/{tenant}/models/{model}")
+}
+
 pub fn model_key(tenant: Uuid, model: Uuid) -> String {
-    format!("tenants/{tenant}/models/{model}/model.onnx")
+    format!("{}/model.onnx", model_prefix(tenant, model))
+}
+
+/// The n-th external-data file of a model; its relative path is kept in the database.
+pub fn model_file_key(tenant: Uuid, model: Uuid, n: usize) -> String {
+    format!("{}/files/{n}", model_prefix(tenant, model))
 }
 
 pub fn job_prefix(tenant: Uuid, job: Uuid) -> String {

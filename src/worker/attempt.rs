@@ -107,8 +107,9 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
         Ok(None) => return failed("model_missing", "the job's model was deleted", false),
         Err(e) => return failed("database_error", e.to_string(), true),
     };
-    let input = scratch.join("input.onnx");
-    if let Err(e) = ctx.storage.get_file(&model.storage_key, &input).await {
+    // The model and its external-data files, laid out as they were uploaded.
+    let input = scratch.join("input").join("model.onnx");
+    if let Err(e) = fetch_model(ctx, &model, &input).await {
         return failed("storage_error", format!("fetching the model: {e}"), true);
     }
     let out_dir = scratch.join("out");
@@ -168,6 +169,23 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
         return memory_limit(ctx, &tail.join(" | "));
     }
     failed("runtime_crashed", crash_message(status, &tail), true)
+}
+
+async fn fetch_model(ctx: &WorkerContext, model: &db::models::ModelRow, input: &Path) -> anyhow::Result<()> {
+    let dir = input.parent().expect("input sits in a folder");
+    tokio::fs::create_dir_all(dir).await?;
+    ctx.storage.get_file(&model.storage_key, input).await?;
+    for file in &model.files.0 {
+        // Checked at upload; checked again because this path comes from the database.
+        crate::onnx::external::check_location(&file.path)
+            .map_err(|why| anyhow::anyhow!("file {:?} {why}", file.path))?;
+        let dest = dir.join(&file.path);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        ctx.storage.get_file(&file.storage_key, &dest).await?;
+    }
+    Ok(())
 }
 
 fn spawn(ctx: &WorkerContext, job: &JobRow, config: &Path, input: &Path, out_dir: &Path) -> std::io::Result<Child> {
