@@ -103,6 +103,8 @@ async fn run(opts: PgConnectOptions) -> anyhow::Result<String> {
             priority: 0,
             max_attempts: 1,
             timeout_s: 60,
+            dataset_id: None,
+            evaluation: &serde_json::json!({}),
             idempotency: None,
         };
         queue::enqueue(&pool, new).await?;

@@ -44,6 +44,7 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LimitsConfig {
     pub max_model_bytes: u64,
+    pub max_dataset_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -75,6 +76,11 @@ pub struct EvalConfig {
     pub batch_size: i64,
     pub dynamic_dim: i64,
     pub dim_overrides: std::collections::BTreeMap<String, i64>,
+    pub latency_batch_size: i64,
+    pub calibration_fraction: f64,
+    pub bootstrap_rounds: usize,
+    pub trusted_drop: f64,
+    pub execution_provider: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +137,16 @@ impl Config {
         {
             return Err(ConfigError(
                 "eval.timed_runs, eval.threads, eval.batch_size and eval.dynamic_dim must be >= 1".into(),
+            ));
+        }
+        if !(0.0..0.95).contains(&self.eval.calibration_fraction) || self.eval.bootstrap_rounds == 0 {
+            return Err(ConfigError(
+                "eval.calibration_fraction must be within [0, 0.95) and eval.bootstrap_rounds >= 1".into(),
+            ));
+        }
+        if crate::eval::Provider::parse(&self.eval.execution_provider).is_none() {
+            return Err(ConfigError(
+                "eval.execution_provider must be \"cpu\" or \"cuda\"".into(),
             ));
         }
         if self.eval.dim_overrides.values().any(|&v| v < 1) {

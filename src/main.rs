@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
 use modelpress::eval::Runtime;
+use modelpress::eval::dataset::{EvaluationOptions, Task};
 use modelpress::pipeline::{self, PipelineError, PipelineInput};
 use modelpress::service::{self, ServiceOptions};
 use modelpress::worker::events::Event;
@@ -61,6 +62,21 @@ enum Command {
         /// Print progress and errors as JSON lines on stdout (the worker protocol).
         #[arg(long)]
         events: bool,
+        /// Evaluate on this NumPy .npz dataset (arrays keyed by input name) instead of synthetic inputs.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// classification, regression or generic (fidelity only).
+        #[arg(long, default_value = "generic")]
+        task: String,
+        /// The dataset array holding the labels.
+        #[arg(long, default_value = "labels")]
+        label_key: String,
+        /// cpu or cuda (default from eval.execution_provider).
+        #[arg(long)]
+        provider: Option<String>,
+        /// All evaluation options as JSON (what a worker passes); overrides the flags above.
+        #[arg(long, hide = true)]
+        evaluation: Option<String>,
     },
 }
 
@@ -81,7 +97,41 @@ fn main() -> ExitCode {
             out,
             job_id,
             events,
-        } => compress(&config, &model, &recipe, &out, job_id, events),
+            dataset,
+            task,
+            label_key,
+            provider,
+            evaluation,
+        } => {
+            let options = match evaluation {
+                Some(json) => serde_json::from_str(&json).map_err(|e| format!("--evaluation: {e}")),
+                None => serde_json::from_value::<Task>(serde_json::Value::String(task.clone()))
+                    .map_err(|_| format!("--task {task:?}: expected classification, regression or generic"))
+                    .map(|task| EvaluationOptions {
+                        task,
+                        label_key,
+                        calibration_fraction: config.eval.calibration_fraction,
+                        seed: config.eval.seed,
+                        execution_provider: provider.unwrap_or_else(|| config.eval.execution_provider.clone()),
+                    }),
+            };
+            match options {
+                Ok(options) => compress(
+                    &config,
+                    &model,
+                    &recipe,
+                    &out,
+                    job_id,
+                    events,
+                    &options,
+                    dataset.as_deref(),
+                ),
+                Err(e) => {
+                    eprintln!("modelpress compress: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         command => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             match runtime.block_on(run_async(config, command)) {
@@ -173,6 +223,7 @@ fn redact(url: &str) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compress(
     config: &Config,
     model: &std::path::Path,
@@ -180,6 +231,8 @@ fn compress(
     out: &std::path::Path,
     job_id: Option<uuid::Uuid>,
     events: bool,
+    options: &EvaluationOptions,
+    dataset: Option<&std::path::Path>,
 ) -> ExitCode {
     let fail = |code: &str, message: String, retryable: bool| {
         if events {
@@ -229,6 +282,8 @@ fn compress(
         out_dir: out,
         eval: &config.eval,
         job_id,
+        options,
+        dataset,
     };
     match pipeline::run(input, &mut progress) {
         Ok(report) => {

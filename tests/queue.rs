@@ -19,6 +19,8 @@ async fn queued_job(pool: &PgPool, app: &TestApp, max_attempts: i32) -> uuid::Uu
         priority: 0,
         max_attempts,
         timeout_s: 60,
+        dataset_id: None,
+        evaluation: &serde_json::json!({}),
         idempotency: None,
     };
     match queue::enqueue(pool, new).await.unwrap() {
@@ -399,6 +401,8 @@ async fn many_workers_in_and_out_of_process_drain_the_queue_completing_each_job_
             priority: 0,
             max_attempts: 3,
             timeout_s: 60,
+            dataset_id: None,
+            evaluation: &serde_json::json!({}),
             idempotency: None,
         };
         assert!(matches!(

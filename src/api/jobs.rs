@@ -19,7 +19,11 @@ use super::extract::{Json, Path, Query, Tenant};
 use super::models::{Page, PageQuery, next_cursor};
 use crate::compress::Recipe;
 use crate::db::artifacts::{self, ArtifactRow};
+use crate::db::datasets as db_datasets;
+use crate::db::models as db_models;
 use crate::db::page::Cursor;
+use crate::eval::Provider;
+use crate::eval::dataset::{self, EvaluationOptions, Task};
 use crate::pipeline::REPORT_ARTIFACT;
 use crate::queue::{self, AttemptError, CancelOutcome, Enqueued, JobError, JobRow, JobState, NewJob};
 
@@ -32,6 +36,12 @@ pub struct CreateJob {
     priority: i32,
     max_attempts: Option<i32>,
     timeout_s: Option<i32>,
+    /// Evaluate on this dataset instead of synthetic inputs.
+    dataset_id: Option<Uuid>,
+    task: Option<Task>,
+    label_key: Option<String>,
+    calibration_fraction: Option<f64>,
+    execution_provider: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +70,8 @@ pub struct Job {
     max_attempts: i32,
     cancel_requested: bool,
     timeout_s: i32,
+    dataset_id: Option<Uuid>,
+    evaluation: Value,
     error: Option<JobError>,
     attempt_errors: Vec<AttemptError>,
     created_at: DateTime<Utc>,
@@ -93,6 +105,8 @@ impl Job {
             max_attempts: row.max_attempts,
             cancel_requested: row.cancel_requested,
             timeout_s: row.timeout_s,
+            dataset_id: row.dataset_id,
+            evaluation: row.evaluation.0,
             error: row.error.map(|e| e.0),
             attempt_errors: row.attempt_errors.0,
             created_at: row.created_at,
@@ -156,11 +170,22 @@ pub async fn create(
             "timeout_s must be within 1..={cap} (worker.max_job_timeout_s)"
         )));
     }
+    let evaluation = evaluation_options(&state, tenant, &body).await?;
     // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
     let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
+    let evaluation = serde_json::to_value(&evaluation).map_err(|e| ApiError::Internal(e.into()))?;
     // What makes two submissions "the same request" for an idempotency key: the normalized body.
     let request_hash = hex::encode(Sha256::digest(
-        serde_json::json!([body.model_id, recipe, body.priority, max_attempts, timeout_s]).to_string(),
+        serde_json::json!([
+            body.model_id,
+            recipe,
+            body.priority,
+            max_attempts,
+            timeout_s,
+            body.dataset_id,
+            evaluation
+        ])
+        .to_string(),
     ));
     let outcome = queue::enqueue(
         &state.pool,
@@ -171,6 +196,8 @@ pub async fn create(
             priority: body.priority,
             max_attempts,
             timeout_s: timeout_s as i32,
+            dataset_id: body.dataset_id,
+            evaluation: &evaluation,
             idempotency: key.as_deref().map(|k| (k, request_hash.as_str())),
         },
     )
@@ -195,6 +222,74 @@ pub async fn create(
     let location = format!("/v1/jobs/{}", row.id);
     let job = one(&state, tenant, row).await?;
     Ok((status, [(header::LOCATION, location)], axum::Json(job)).into_response())
+}
+
+/// The job's evaluation options, checked: the provider is one this server can serve, the task has
+/// the data it needs, and the dataset (if any) matches the model's inputs.
+async fn evaluation_options(state: &AppState, tenant: Tenant, body: &CreateJob) -> ApiResult<EvaluationOptions> {
+    let mut options = EvaluationOptions::defaults(&state.config.eval);
+    if let Some(task) = body.task {
+        options.task = task;
+    }
+    if let Some(key) = &body.label_key {
+        options.label_key = key.clone();
+    }
+    if let Some(fraction) = body.calibration_fraction {
+        if !(0.0..0.95).contains(&fraction) {
+            return Err(ApiError::InvalidRequest(
+                "calibration_fraction must be within [0, 0.95)".into(),
+            ));
+        }
+        options.calibration_fraction = fraction;
+    }
+    if let Some(provider) = &body.execution_provider {
+        options.execution_provider = provider.clone();
+    }
+    let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
+        ApiError::InvalidRequest(format!(
+            "execution_provider {:?} is not one of cpu, cuda",
+            options.execution_provider
+        ))
+    })?;
+    if let Ok(runtime) = state.runtime.as_ref()
+        && !runtime.providers().contains(&provider)
+    {
+        return Err(ApiError::Unprocessable {
+            code: "cuda_unavailable",
+            message: format!(
+                "this server's ONNX Runtime ({}) has no {} execution provider; install the onnxruntime-gpu build \
+                 and the CUDA libraries, or use \"cpu\"",
+                runtime.version,
+                provider.as_str()
+            ),
+        });
+    }
+    let Some(dataset_id) = body.dataset_id else {
+        if options.task != Task::Generic {
+            return Err(ApiError::InvalidRequest(format!(
+                "task {:?} needs a dataset_id with labels",
+                options.task
+            )));
+        }
+        return Ok(options);
+    };
+    let dataset = db_datasets::get(&state.pool, tenant.0, dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("dataset {dataset_id} not found")))?;
+    let model = db_models::get(&state.pool, tenant.0, body.model_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("model {} not found", body.model_id)))?;
+    dataset::check(
+        &model.summary.0.inputs,
+        &dataset.arrays.0,
+        options.task,
+        &options.label_key,
+    )
+    .map_err(|why| ApiError::Unprocessable {
+        code: "dataset_mismatch",
+        message: why,
+    })?;
+    Ok(options)
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,6 +1,8 @@
 //! The HTTP API: application state, the router (one module per resource), and the layers every
 //! request passes through (request id, tracing, one error format).
 
+mod capabilities;
+mod datasets;
 mod download;
 pub mod error;
 pub mod extract;
@@ -62,6 +64,7 @@ fn routes() -> Routes {
     Routes::new()
         .add(M::GET, "/healthz", routing::get(health::healthz))
         .add(M::GET, "/readyz", routing::get(health::readyz))
+        .add(M::GET, "/v1/capabilities", routing::get(capabilities::capabilities))
         .add(
             M::POST,
             "/v1/models",
@@ -71,6 +74,14 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/models/{id}", routing::get(models::get))
         .add(M::DELETE, "/v1/models/{id}", routing::delete(models::delete))
         .add(M::GET, "/v1/models/{id}/content", routing::get(models::content))
+        .add(
+            M::POST,
+            "/v1/datasets",
+            routing::post(datasets::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .add(M::GET, "/v1/datasets", routing::get(datasets::list))
+        .add(M::GET, "/v1/datasets/{id}", routing::get(datasets::get))
+        .add(M::DELETE, "/v1/datasets/{id}", routing::delete(datasets::delete))
         .add(M::POST, "/v1/jobs", routing::post(jobs::create))
         .add(M::GET, "/v1/jobs", routing::get(jobs::list))
         .add(M::GET, "/v1/jobs/{id}", routing::get(jobs::get))

@@ -106,7 +106,7 @@ pub fn next_cursor<T>(rows: &[T], limit: i64, key: impl Fn(&T) -> Cursor) -> Opt
 
 /// A display name: trimmed, control characters dropped, at most 255 characters. It is only a
 /// label; storage keys never use it.
-fn clean_name(raw: Option<&str>) -> String {
+pub fn clean_name(raw: Option<&str>, default: &str) -> String {
     let cleaned: String = raw
         .unwrap_or("")
         .trim()
@@ -114,7 +114,7 @@ fn clean_name(raw: Option<&str>) -> String {
         .filter(|c| !c.is_control())
         .take(255)
         .collect();
-    if cleaned.is_empty() { "model".into() } else { cleaned }
+    if cleaned.is_empty() { default.into() } else { cleaned }
 }
 
 /// Where the model file goes inside its upload folder; its external-data files sit beside it.
@@ -194,6 +194,7 @@ pub async fn upload(
             .as_deref()
             .or(filename.as_deref())
             .or_else(|| archive.and_then(|_| model_path.file_name().and_then(|n| n.to_str()))),
+        "model",
     );
     let model = store_model(&state, tenant, &model_path, written, &name).await?;
     drop(folder);
@@ -425,9 +426,9 @@ mod tests {
 
     #[test]
     fn names_are_cleaned_and_defaulted() {
-        assert_eq!(clean_name(Some("  resnet.onnx ")), "resnet.onnx");
-        assert_eq!(clean_name(Some("a\u{0}b\nc")), "abc");
-        assert_eq!(clean_name(None), "model");
-        assert_eq!(clean_name(Some(&"x".repeat(300))).len(), 255);
+        assert_eq!(clean_name(Some("  resnet.onnx "), "model"), "resnet.onnx");
+        assert_eq!(clean_name(Some("a\u{0}b\nc"), "model"), "abc");
+        assert_eq!(clean_name(None, "model"), "model");
+        assert_eq!(clean_name(Some(&"x".repeat(300)), "model").len(), 255);
     }
 }

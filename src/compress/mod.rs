@@ -93,6 +93,11 @@ pub struct PassError(pub String);
 
 pub trait Pass {
     fn name(&self) -> &'static str;
+    /// Whether the pass needs calibration data (the job then sets aside a calibration split that
+    /// is never evaluated on).
+    fn calibrates(&self) -> bool {
+        false
+    }
     fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError>;
 }
 

@@ -2,6 +2,7 @@
 //! tenant: another tenant's row is indistinguishable from a missing one.
 
 pub mod artifacts;
+pub mod datasets;
 pub mod models;
 pub mod page;
 

@@ -10,6 +10,9 @@ pub struct OutputFidelity {
     pub max_abs_error: f64,
     pub mean_abs_error: f64,
     pub cosine_similarity: f64,
+    /// Signal-to-noise ratio of the candidate against the reference, in dB; `None` when the
+    /// outputs are identical (infinite SNR).
+    pub snr_db: Option<f64>,
 }
 
 /// The worst output decides the headline figures: the largest error, the lowest similarity.
@@ -18,6 +21,10 @@ pub struct Fidelity {
     pub max_abs_error: f64,
     pub mean_abs_error: f64,
     pub cosine_similarity: f64,
+    pub snr_db: Option<f64>,
+    /// Share of samples whose highest-scoring element (argmax) of the first output is unchanged,
+    /// for outputs with more than one element per sample; set by the evaluation.
+    pub top1_agreement: Option<f64>,
     pub outputs: Vec<OutputFidelity>,
 }
 
@@ -33,71 +40,129 @@ pub enum FidelityError {
     },
 }
 
-pub fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, FidelityError> {
-    let mut outputs = Vec::new();
-    for r in reference {
-        let c = candidate
-            .iter()
-            .find(|c| c.name == r.name)
-            .ok_or_else(|| FidelityError::MissingOutput(r.name.clone()))?;
-        if c.shape != r.shape {
-            return Err(FidelityError::ShapeMismatch {
-                name: r.name.clone(),
-                reference: r.shape.clone(),
-                candidate: c.shape.clone(),
-            });
-        }
-        if let (Some(a), Some(b)) = (&r.values, &c.values) {
-            outputs.push(output_fidelity(&r.name, a, b));
-        }
-    }
-    let worst = |f: fn(&OutputFidelity) -> f64, max: bool| {
-        outputs.iter().map(f).fold(None, |acc: Option<f64>, v| {
-            Some(match acc {
-                None => v,
-                // NaN wins both ways: a NaN anywhere must show in the headline, not be hidden.
-                Some(a) if a.is_nan() || v.is_nan() => f64::NAN,
-                Some(a) if max => a.max(v),
-                Some(a) => a.min(v),
-            })
-        })
-    };
-    Ok(Fidelity {
-        max_abs_error: worst(|o| o.max_abs_error, true).unwrap_or(0.0),
-        mean_abs_error: worst(|o| o.mean_abs_error, true).unwrap_or(0.0),
-        cosine_similarity: worst(|o| o.cosine_similarity, false).unwrap_or(1.0),
-        outputs,
-    })
+/// One output's running sums across samples.
+#[derive(Debug, Clone, Default)]
+struct Sums {
+    max_abs: f64,
+    sum_abs: f64,
+    dot: f64,
+    ref_sq: f64,
+    cand_sq: f64,
+    noise: f64,
+    count: u64,
+    nan: bool,
 }
 
-fn output_fidelity(name: &str, a: &[f64], b: &[f64]) -> OutputFidelity {
-    let mut max_abs = 0.0f64;
-    let mut sum_abs = 0.0f64;
-    let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
-    let mut nan = false;
-    for (x, y) in a.iter().zip(b) {
-        let d = (x - y).abs();
-        nan |= d.is_nan();
-        max_abs = max_abs.max(d);
-        sum_abs += d;
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
+/// Fidelity accumulated sample by sample, so evaluating a large dataset never holds every output
+/// in memory. Also counts argmax agreement of the first output.
+#[derive(Debug, Default)]
+pub struct Accumulator {
+    outputs: Vec<(String, Sums)>,
+    top1: (u64, u64),
+}
+
+impl Accumulator {
+    /// Adds one sample's outputs; errors when the candidate lacks an output or changed a shape.
+    pub fn add(&mut self, reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<(), FidelityError> {
+        for (k, r) in reference.iter().enumerate() {
+            let c = candidate
+                .iter()
+                .find(|c| c.name == r.name)
+                .ok_or_else(|| FidelityError::MissingOutput(r.name.clone()))?;
+            if c.shape != r.shape {
+                return Err(FidelityError::ShapeMismatch {
+                    name: r.name.clone(),
+                    reference: r.shape.clone(),
+                    candidate: c.shape.clone(),
+                });
+            }
+            let (Some(a), Some(b)) = (&r.values, &c.values) else {
+                continue;
+            };
+            if k == 0 && a.len() > 1 {
+                self.top1.1 += 1;
+                if super::metrics::argmax(a) == super::metrics::argmax(b) {
+                    self.top1.0 += 1;
+                }
+            }
+            let slot = match self.outputs.iter().position(|(n, _)| *n == r.name) {
+                Some(i) => i,
+                None => {
+                    self.outputs.push((r.name.clone(), Sums::default()));
+                    self.outputs.len() - 1
+                }
+            };
+            let sums = &mut self.outputs[slot].1;
+            for (x, y) in a.iter().zip(b) {
+                let d = (x - y).abs();
+                sums.nan |= d.is_nan();
+                sums.max_abs = sums.max_abs.max(d);
+                sums.sum_abs += d;
+                sums.noise += d * d;
+                sums.dot += x * y;
+                sums.ref_sq += x * x;
+                sums.cand_sq += y * y;
+                sums.count += 1;
+            }
+        }
+        Ok(())
     }
-    let n = a.len().max(1) as f64;
-    let cosine = if na == 0.0 && nb == 0.0 {
+
+    pub fn finish(self) -> Fidelity {
+        let outputs: Vec<OutputFidelity> = self.outputs.iter().map(|(name, s)| output_fidelity(name, s)).collect();
+        let worst = |f: fn(&OutputFidelity) -> f64, max: bool| {
+            outputs.iter().map(f).fold(None, |acc: Option<f64>, v| {
+                Some(match acc {
+                    None => v,
+                    // NaN wins both ways: a NaN anywhere must show in the headline, not be hidden.
+                    Some(a) if a.is_nan() || v.is_nan() => f64::NAN,
+                    Some(a) if max => a.max(v),
+                    Some(a) => a.min(v),
+                })
+            })
+        };
+        Fidelity {
+            max_abs_error: worst(|o| o.max_abs_error, true).unwrap_or(0.0),
+            mean_abs_error: worst(|o| o.mean_abs_error, true).unwrap_or(0.0),
+            cosine_similarity: worst(|o| o.cosine_similarity, false).unwrap_or(1.0),
+            snr_db: outputs
+                .iter()
+                .filter_map(|o| o.snr_db)
+                .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.min(v)))),
+            top1_agreement: (self.top1.1 > 0).then(|| self.top1.0 as f64 / self.top1.1 as f64),
+            outputs,
+        }
+    }
+}
+
+/// Fidelity of one run against another.
+pub fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, FidelityError> {
+    let mut acc = Accumulator::default();
+    acc.add(reference, candidate)?;
+    Ok(acc.finish())
+}
+
+fn output_fidelity(name: &str, s: &Sums) -> OutputFidelity {
+    let cosine = if s.ref_sq == 0.0 && s.cand_sq == 0.0 {
         1.0
-    } else if na == 0.0 || nb == 0.0 {
+    } else if s.ref_sq == 0.0 || s.cand_sq == 0.0 {
         0.0
     } else {
         // Rounding can push the ratio a hair past ±1.
-        (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0)
+        (s.dot / (s.ref_sq.sqrt() * s.cand_sq.sqrt())).clamp(-1.0, 1.0)
     };
     OutputFidelity {
         name: name.to_string(),
-        max_abs_error: if nan { f64::NAN } else { max_abs },
-        mean_abs_error: sum_abs / n,
+        max_abs_error: if s.nan { f64::NAN } else { s.max_abs },
+        mean_abs_error: s.sum_abs / s.count.max(1) as f64,
         cosine_similarity: cosine,
+        snr_db: if s.noise == 0.0 {
+            None
+        } else if s.ref_sq == 0.0 {
+            Some(f64::NEG_INFINITY)
+        } else {
+            Some(10.0 * (s.ref_sq / s.noise).log10())
+        },
     }
 }
 
@@ -120,6 +185,7 @@ mod tests {
             (f.max_abs_error, f.mean_abs_error, f.cosine_similarity),
             (0.0, 0.0, 1.0)
         );
+        assert_eq!(f.snr_db, None, "identical outputs have infinite SNR");
     }
 
     #[test]
@@ -135,6 +201,21 @@ mod tests {
         assert_eq!(f.outputs[1].max_abs_error, 0.5);
         assert_eq!(f.max_abs_error, 1.0);
         assert_eq!(f.cosine_similarity, 0.0);
+        // z: signal 4, noise 0.25 → 10·log10(16) dB.
+        assert!((f.outputs[1].snr_db.unwrap() - 10.0 * 16f64.log10()).abs() < 1e-12);
+        assert_eq!(f.snr_db, f.outputs[0].snr_db, "the worst output sets the headline");
+    }
+
+    #[test]
+    fn accumulating_samples_equals_comparing_them_at_once_and_counts_argmax_agreement() {
+        let mut acc = Accumulator::default();
+        acc.add(&[out("y", &[1.0, 0.0])], &[out("y", &[0.9, 0.2])]).unwrap();
+        acc.add(&[out("y", &[0.0, 1.0])], &[out("y", &[0.6, 0.4])]).unwrap();
+        let f = acc.finish();
+        let whole = compare(&[out("y", &[1.0, 0.0, 0.0, 1.0])], &[out("y", &[0.9, 0.2, 0.6, 0.4])]).unwrap();
+        assert_eq!(f.outputs[0].max_abs_error, whole.max_abs_error);
+        assert!((f.cosine_similarity - whole.cosine_similarity).abs() < 1e-12);
+        assert_eq!(f.top1_agreement, Some(0.5), "the second sample's argmax flipped");
     }
 
     #[test]

@@ -26,6 +26,33 @@ pub enum RuntimeError {
     ModelLoad(String),
     #[error("ONNX Runtime failed: {0}")]
     Run(String),
+    #[error("execution provider unavailable: {0}")]
+    ProviderUnavailable(String),
+}
+
+/// Where a model is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cpu,
+    Cuda,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Option<Provider> {
+        match s {
+            "cpu" => Some(Provider::Cpu),
+            "cuda" => Some(Provider::Cuda),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+        }
+    }
 }
 
 /// A loaded ONNX Runtime: the environment sessions are created in, and where it came from.
@@ -67,18 +94,38 @@ impl Runtime {
         })
     }
 
-    /// A session for measurement: fixed intra-op threads, sequential execution, no graph
-    /// optimizations beyond ORT's defaults, CPU provider.
+    /// A session for measurement on the CPU: fixed intra-op threads, sequential execution, ORT's
+    /// default graph optimizations.
     pub fn session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
+        self.session_on(model, threads, Provider::Cpu)
+    }
+
+    /// A session on `provider`. A GPU provider is registered with error-on-failure: when it cannot
+    /// be used, this fails instead of silently running on the CPU and reporting CPU numbers as GPU.
+    pub fn session_on(&self, model: &Path, threads: usize, provider: Provider) -> Result<Session, RuntimeError> {
         let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
-        Session::builder(&self.env)
+        let mut builder = Session::builder(&self.env)
             .map_err(err)?
             .with_intra_threads(threads)
             .map_err(|e| err(e.into()))?
             .with_inter_threads(1)
-            .map_err(|e| err(e.into()))?
-            .commit_from_file(model)
-            .map_err(err)
+            .map_err(|e| err(e.into()))?;
+        if provider == Provider::Cuda {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| RuntimeError::ProviderUnavailable(format!("CUDA: {e}")))?;
+        }
+        builder.commit_from_file(model).map_err(err)
+    }
+
+    /// Execution providers this ONNX Runtime build offers (the CPU always).
+    pub fn providers(&self) -> Vec<Provider> {
+        use ort::ep::ExecutionProvider;
+        let mut providers = vec![Provider::Cpu];
+        if ort::ep::CUDA::is_available().unwrap_or(false) {
+            providers.push(Provider::Cuda);
+        }
+        providers
     }
 
     /// Runs ORT's graph optimizer at `level` over `input` and writes the optimized graph to `output`.

@@ -107,6 +107,47 @@ pub fn check_inline(t: &TensorProto, at: &str) -> Result<()> {
     }
 }
 
+/// Share of stored floating-point weight elements that are exactly zero (inline data only; call
+/// after `external::internalize` for models with external data).
+pub fn zero_fraction(model: &ModelProto) -> f64 {
+    let (mut zeros, mut total) = (0u64, 0u64);
+    let _ = for_each_tensor(model, &mut |t, _| {
+        let raw = t.raw_data.as_deref().unwrap_or(&[]);
+        match DataType::try_from(t.data_type()) {
+            Ok(DataType::Float) => {
+                if t.raw_data.is_some() {
+                    total += (raw.len() / 4) as u64;
+                    zeros += raw
+                        .chunks_exact(4)
+                        .filter(|c| f32::from_le_bytes((*c).try_into().unwrap()) == 0.0)
+                        .count() as u64;
+                } else {
+                    total += t.float_data.len() as u64;
+                    zeros += t.float_data.iter().filter(|v| **v == 0.0).count() as u64;
+                }
+            }
+            Ok(DataType::Float16 | DataType::Bfloat16) => {
+                total += (raw.len() / 2) as u64;
+                // ±0 in both formats: all bits but the sign are zero.
+                zeros += raw
+                    .chunks_exact(2)
+                    .filter(|c| (u16::from_le_bytes([c[0], c[1]]) & 0x7fff) == 0)
+                    .count() as u64;
+            }
+            Ok(DataType::Double) => {
+                total += (raw.len() / 8) as u64;
+                zeros += raw
+                    .chunks_exact(8)
+                    .filter(|c| f64::from_le_bytes((*c).try_into().unwrap()) == 0.0)
+                    .count() as u64;
+            }
+            _ => {}
+        }
+        Ok(())
+    });
+    if total == 0 { 0.0 } else { zeros as f64 / total as f64 }
+}
+
 /// Calls `f(tensor, where)` on every tensor the model stores.
 pub fn for_each_tensor(model: &ModelProto, f: &mut dyn FnMut(&TensorProto, &str) -> Result<()>) -> Result<()> {
     if let Some(g) = &model.graph {

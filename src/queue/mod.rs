@@ -95,6 +95,9 @@ pub struct JobRow {
     pub timeout_s: i32,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
+    pub dataset_id: Option<Uuid>,
+    /// The job's evaluation options (`eval::dataset::EvaluationOptions` as JSON).
+    pub evaluation: Json<Value>,
 }
 
 pub struct NewJob<'a> {
@@ -104,6 +107,8 @@ pub struct NewJob<'a> {
     pub priority: i32,
     pub max_attempts: i32,
     pub timeout_s: i32,
+    pub dataset_id: Option<Uuid>,
+    pub evaluation: &'a Value,
     /// `(Idempotency-Key, hash of the request)`, when the client sent a key.
     pub idempotency: Option<(&'a str, &'a str)>,
 }
@@ -125,8 +130,8 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     let created: Option<JobRow> = sqlx::query_as(
         "WITH model AS (SELECT id FROM models WHERE id = $2 AND tenant_id = $3 FOR SHARE)
          INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts, timeout_s,
-                           idempotency_key, request_hash)
-         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9 FROM model
+                           idempotency_key, request_hash, dataset_id, evaluation)
+         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11 FROM model
          ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -139,6 +144,8 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     .bind(job.timeout_s)
     .bind(key)
     .bind(hash)
+    .bind(job.dataset_id)
+    .bind(Json(job.evaluation))
     .fetch_optional(pool)
     .await?;
     if let Some(row) = created {

@@ -5,9 +5,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::compress::Recipe;
+use crate::eval::dataset::Task;
 use crate::eval::fidelity::Fidelity;
 use crate::eval::inputs::EvaluatedInput;
 use crate::eval::latency::Latency;
+use crate::eval::metrics::{Classification, Regression};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -18,9 +20,13 @@ pub struct Report {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub recipe: Recipe,
     pub environment: Environment,
+    pub evaluation: Evaluation,
+    /// The concrete shape of every input in the latency runs (batch of one).
     pub inputs: Vec<EvaluatedInput>,
     pub original: Measurement,
     pub result: Measurement,
+    /// The headline task metric before and after, with bootstrap 95% intervals (tasks with labels).
+    pub comparison: Option<Comparison>,
     pub passes: Vec<PassRecord>,
     pub warnings: Vec<String>,
 }
@@ -29,24 +35,78 @@ pub struct Report {
 pub struct Environment {
     pub onnxruntime_version: String,
     pub execution_provider: String,
+    pub cpu_model: String,
     pub intra_op_threads: usize,
     pub warmup_runs: usize,
     pub timed_runs: usize,
-    /// Where the evaluation inputs came from: `synthetic` until datasets exist.
+    /// Where the inputs came from: `dataset` or `synthetic` (kept here for schema-1 readers).
     pub inputs: String,
     pub seed: u64,
     pub batch_size: i64,
     pub dynamic_dim_default: i64,
+    /// Peak resident memory of the job process (both models loaded and evaluated).
+    pub peak_memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// `dataset` or `synthetic`.
+    pub inputs: String,
+    pub task: Task,
+    /// True when there are no labels to score: the metrics are fidelity only.
+    pub fidelity_only: bool,
+    pub dataset_samples: u64,
+    pub evaluation_samples: u64,
+    /// Samples set aside for calibrating passes, never evaluated (0 when no pass calibrates).
+    pub calibration_samples: u64,
+    pub label_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     pub size_bytes: u64,
+    /// Size after zstd (level 3): what the model costs to ship when compressed in transit.
+    pub compressed_size_bytes: u64,
     pub parameters: u64,
+    /// Share of stored floating-point weights that are exactly zero.
+    pub sparsity: f64,
+    /// Batch of one.
     pub latency: Latency,
+    /// At `eval.latency_batch_size`, when every input's first axis is dynamic.
+    pub latency_batched: Option<BatchedLatency>,
     /// Against the original's outputs on the same inputs; for the original itself, a second run
     /// against the first (the noise floor).
     pub fidelity: Fidelity,
+    pub metrics: Option<TaskMetrics>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchedLatency {
+    pub batch_size: i64,
+    pub latency: Latency,
+    pub throughput_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum TaskMetrics {
+    Classification(Classification),
+    Regression(Regression),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    /// `accuracy` for classification, `mae` for regression.
+    pub metric: String,
+    pub original: f64,
+    pub result: f64,
+    /// result - original.
+    pub delta: f64,
+    pub original_ci95: [f64; 2],
+    pub result_ci95: [f64; 2],
+    /// Paired bootstrap over the same resampled samples for both models.
+    pub delta_ci95: [f64; 2],
+    pub deltas: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -62,6 +62,10 @@ pub fn model_file_key(tenant: Uuid, model: Uuid, n: usize) -> String {
     format!("{}/files/{n}", model_prefix(tenant, model))
 }
 
+pub fn dataset_key(tenant: Uuid, dataset: Uuid) -> String {
+    format!("tenants/{tenant}/datasets/{dataset}/data.npz")
+}
+
 pub fn job_prefix(tenant: Uuid, job: Uuid) -> String {
     format!("tenants/{tenant}/jobs/{job}")
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::WorkerContext;
 use super::events::Event;
 use crate::db;
+use crate::eval::dataset::EvaluationOptions;
 use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT};
 use crate::queue::{self, JobError, JobRow, Lease, NewArtifact};
 use crate::storage;
@@ -119,7 +120,21 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
     if let Err(e) = async { tokio::fs::write(&config_path, written?).await }.await {
         return failed("io_error", format!("writing the job's configuration: {e}"), true);
     }
-    let mut child = match spawn(ctx, job, &config_path, &input, &out_dir) {
+    let dataset = match job.dataset_id {
+        None => None,
+        Some(id) => match db::datasets::get(&ctx.pool, job.tenant_id, id).await {
+            Ok(Some(d)) => {
+                let path = scratch.join("dataset.npz");
+                if let Err(e) = ctx.storage.get_file(&d.storage_key, &path).await {
+                    return failed("storage_error", format!("fetching the dataset: {e}"), true);
+                }
+                Some(path)
+            }
+            Ok(None) => return failed("dataset_missing", "the job's dataset was deleted", false),
+            Err(e) => return failed("database_error", e.to_string(), true),
+        },
+    };
+    let mut child = match spawn(ctx, job, &config_path, &input, &out_dir, dataset.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             return failed(
@@ -188,7 +203,14 @@ async fn fetch_model(ctx: &WorkerContext, model: &db::models::ModelRow, input: &
     Ok(())
 }
 
-fn spawn(ctx: &WorkerContext, job: &JobRow, config: &Path, input: &Path, out_dir: &Path) -> std::io::Result<Child> {
+fn spawn(
+    ctx: &WorkerContext,
+    job: &JobRow,
+    config: &Path,
+    input: &Path,
+    out_dir: &Path,
+    dataset: Option<&Path>,
+) -> std::io::Result<Child> {
     let mut cmd = Command::new(&ctx.runner);
     cmd.arg("--config")
         .arg(config)
@@ -201,6 +223,8 @@ fn spawn(ctx: &WorkerContext, job: &JobRow, config: &Path, input: &Path, out_dir
         .arg("--job-id")
         .arg(job.id.to_string())
         .arg("--events")
+        .arg("--evaluation")
+        .arg(evaluation_options(ctx, job))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -224,10 +248,20 @@ fn spawn(ctx: &WorkerContext, job: &JobRow, config: &Path, input: &Path, out_dir
             });
         }
     }
+    if let Some(dataset) = dataset {
+        cmd.arg("--dataset").arg(dataset);
+    }
     if let Some(lib) = crate::eval::runtime::locate(&ctx.config.onnxruntime.dylib_path) {
         cmd.env("ORT_DYLIB_PATH", lib);
     }
     cmd.spawn()
+}
+
+/// The job's evaluation options as JSON; jobs queued before options existed get the defaults.
+fn evaluation_options(ctx: &WorkerContext, job: &JobRow) -> String {
+    let options = serde_json::from_value::<EvaluationOptions>(job.evaluation.0.clone())
+        .unwrap_or_else(|_| EvaluationOptions::defaults(&ctx.config.eval));
+    serde_json::to_string(&options).expect("options serialize")
 }
 
 /// Waits for the child while renewing the lease. `Err` carries the outcome when the attempt must

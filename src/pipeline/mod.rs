@@ -8,13 +8,12 @@ use std::time::Instant;
 use serde::Serialize;
 use uuid::Uuid;
 
+mod evaluate;
+
 use crate::compress::{PassContext, Recipe};
 use crate::config::EvalConfig;
-use crate::eval::fidelity::{self, Fidelity};
-use crate::eval::inputs;
-use crate::eval::latency::{self, Latency};
-use crate::eval::session::{OutputTensor, PreparedInputs};
-use crate::eval::{Runtime, RuntimeError};
+use crate::eval::dataset::EvaluationOptions;
+use crate::eval::{Provider, Runtime};
 use crate::onnx::{self, ModelSummary, external};
 use crate::report::{self, Environment, Measurement, PassRecord, Report};
 
@@ -34,6 +33,8 @@ pub enum PipelineError {
     Evaluation(String),
     #[error("{0}")]
     Io(String),
+    #[error("{0}")]
+    ProviderUnavailable(String),
 }
 
 impl PipelineError {
@@ -44,6 +45,7 @@ impl PipelineError {
             PipelineError::Pass { .. } => "pass_failed",
             PipelineError::Evaluation(_) => "evaluation_failed",
             PipelineError::Io(_) => "io_error",
+            PipelineError::ProviderUnavailable(_) => "cuda_unavailable",
         }
     }
 
@@ -68,6 +70,9 @@ pub struct PipelineInput<'a> {
     pub out_dir: &'a Path,
     pub eval: &'a EvalConfig,
     pub job_id: Option<Uuid>,
+    pub options: &'a EvaluationOptions,
+    /// The job's dataset (.npz), if any.
+    pub dataset: Option<&'a Path>,
 }
 
 pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, PipelineError> {
@@ -78,6 +83,8 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         out_dir,
         eval,
         job_id,
+        options,
+        dataset,
     } = input;
     progress("load", 0.0);
     std::fs::create_dir_all(out_dir).map_err(io("creating the output folder"))?;
@@ -137,53 +144,55 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
 
     let result_path = out_dir.join(MODEL_ARTIFACT);
     std::fs::copy(&current, &result_path).map_err(io("writing model.onnx"))?;
-    let result_summary = onnx::load(&result_path)
-        .map(|m| ModelSummary::of(&m))
-        .map_err(|e| PipelineError::Pass {
-            pass: "recipe".into(),
-            message: format!("the result is not a valid ONNX model: {e}"),
-        })?;
-
-    progress("evaluate:original", 55.0);
-    let dims = inputs::DimPolicy {
-        batch: eval.batch_size,
-        default: eval.dynamic_dim,
-        overrides: &eval.dim_overrides,
+    let result_model = onnx::load(&result_path).map_err(|e| PipelineError::Pass {
+        pass: "recipe".into(),
+        message: format!("the result is not a valid ONNX model: {e}"),
+    })?;
+    let result_summary = ModelSummary::of(&result_model);
+    let result_sparsity = onnx::tensor::zero_fraction(&result_model);
+    drop(result_model);
+    let original_sparsity = {
+        let mut m = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+        external::internalize(&mut m, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+        onnx::tensor::zero_fraction(&m)
     };
-    let tensors = inputs::synthetic(&original_summary.inputs, eval.seed, &dims)
-        .map_err(|e| PipelineError::Evaluation(e.to_string()))?;
-    let prepared = PreparedInputs::new(&tensors).map_err(|e| PipelineError::Evaluation(e.to_string()))?;
-    let eval_err = |e: RuntimeError| PipelineError::Evaluation(e.to_string());
 
-    let mut session = runtime.session(model, eval.threads).map_err(eval_err)?;
-    let reference = prepared.run_and_collect(&mut session).map_err(eval_err)?;
-    let original_latency =
-        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs).map_err(eval_err)?;
-    let again = prepared.run_and_collect(&mut session).map_err(eval_err)?;
-    drop(session);
-    let noise_floor = compare(&reference, &again)?;
-
-    progress("evaluate:result", 75.0);
-    let mut session = runtime
-        .session(&result_path, eval.threads)
-        .map_err(|e| PipelineError::Pass {
-            pass: "recipe".into(),
-            message: format!("ONNX Runtime cannot load the result: {e}"),
-        })?;
-    let produced = prepared.run_and_collect(&mut session).map_err(eval_err)?;
-    let result_latency =
-        latency::measure(&mut session, &prepared, eval.warmup_runs, eval.timed_runs).map_err(eval_err)?;
-    drop(session);
-    let result_fidelity = compare(&reference, &produced)?;
-    if reference.iter().any(|o| o.values.is_none()) {
-        warnings.push("some outputs are not numeric tensors; fidelity covers the numeric ones only".into());
+    progress("evaluate", 55.0);
+    let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
+        PipelineError::Evaluation(format!("unknown execution provider {:?}", options.execution_provider))
+    })?;
+    let unpack_dir = work.path().join("dataset");
+    if dataset.is_some() {
+        std::fs::create_dir_all(&unpack_dir).map_err(io("creating the dataset folder"))?;
     }
+    let evaluated = evaluate::evaluate(
+        evaluate::Setup {
+            runtime,
+            eval,
+            options,
+            provider,
+            inputs: &original_summary.inputs,
+            dataset: dataset.map(|d| (d, unpack_dir.as_path())),
+            calibrating: recipe.0.iter().any(|p| p.build().calibrates()),
+        },
+        model,
+        &result_path,
+        &mut *progress,
+    )?;
+    warnings.extend(evaluated.warnings);
 
-    let measurement = |size_bytes, parameters, latency: Latency, fidelity: Fidelity| Measurement {
+    progress("report", 95.0);
+    let mut original_files: Vec<PathBuf> = vec![model.to_path_buf()];
+    original_files.extend(data_files.iter().map(|f| model_dir.join(f)));
+    let measurement = |size_bytes, compressed_size_bytes, parameters, sparsity, side: evaluate::Side| Measurement {
         size_bytes,
+        compressed_size_bytes,
         parameters,
-        latency,
-        fidelity,
+        sparsity,
+        latency: side.latency,
+        latency_batched: side.batched,
+        fidelity: side.fidelity,
+        metrics: side.metrics,
     };
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
@@ -192,28 +201,34 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         recipe: recipe.clone(),
         environment: Environment {
             onnxruntime_version: runtime.version.clone(),
-            execution_provider: "cpu".into(),
+            execution_provider: provider.as_str().into(),
+            cpu_model: cpu_model(),
             intra_op_threads: eval.threads,
             warmup_runs: eval.warmup_runs,
             timed_runs: eval.timed_runs,
-            inputs: "synthetic".into(),
+            inputs: evaluated.evaluation.inputs.clone(),
             seed: eval.seed,
             batch_size: eval.batch_size,
             dynamic_dim_default: eval.dynamic_dim,
+            peak_memory_bytes: peak_memory_bytes(),
         },
-        inputs: tensors.iter().map(|t| t.describe()).collect(),
+        evaluation: evaluated.evaluation,
+        inputs: evaluated.inputs,
         original: measurement(
             original_size,
+            zstd_size(&original_files)?,
             original_summary.parameters,
-            original_latency,
-            noise_floor,
+            original_sparsity,
+            evaluated.original,
         ),
         result: measurement(
             size(&result_path)?,
+            zstd_size(&[result_path.clone()])?,
             result_summary.parameters,
-            result_latency,
-            result_fidelity,
+            result_sparsity,
+            evaluated.result,
         ),
+        comparison: evaluated.comparison,
         passes,
         warnings,
     };
@@ -222,14 +237,53 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     Ok(report)
 }
 
+/// Bytes the files take compressed with zstd level 3, streamed (never read whole).
+fn zstd_size(files: &[PathBuf]) -> Result<u64, PipelineError> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut encoder = zstd::Encoder::new(Count(0), 3).map_err(io("starting zstd"))?;
+    for f in files {
+        let mut file = std::fs::File::open(f).map_err(io("reading a model for zstd"))?;
+        std::io::copy(&mut file, &mut encoder).map_err(io("compressing a model"))?;
+    }
+    Ok(encoder.finish().map_err(io("finishing zstd"))?.0)
+}
+
+/// Peak resident set size of this process, from getrusage (Linux reports KiB).
+fn peak_memory_bytes() -> u64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        usage.ru_maxrss.max(0) as u64 * 1024
+    } else {
+        0
+    }
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 fn size(p: &Path) -> Result<u64, PipelineError> {
     std::fs::metadata(p)
         .map(|m| m.len())
         .map_err(io("reading a model's size"))
-}
-
-fn compare(reference: &[OutputTensor], candidate: &[OutputTensor]) -> Result<Fidelity, PipelineError> {
-    fidelity::compare(reference, candidate).map_err(|e| PipelineError::Evaluation(e.to_string()))
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), PipelineError> {
