@@ -234,6 +234,20 @@ fn compress(
     options: &EvaluationOptions,
     dataset: Option<&std::path::Path>,
 ) -> ExitCode {
+    if events {
+        // A bug in a pass must reach the job as an error with its message, not as a bare exit code;
+        // a panic repeats on every attempt, so it is not retried.
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            Event::Error {
+                code: "internal".into(),
+                message: format!("the job process panicked: {info}"),
+                retryable: false,
+            }
+            .emit();
+            default_hook(info);
+        }));
+    }
     let fail = |code: &str, message: String, retryable: bool| {
         if events {
             Event::Error {

@@ -229,7 +229,7 @@ pub fn unpack(npz: &Path, dest: &Path, max_bytes: u64) -> Result<Vec<NpyArray>, 
             .to_string();
         let path = dest.join(format!("{i}.npy"));
         let mut out = std::fs::File::create_new(&path)?;
-        let written = std::io::copy(&mut (&mut member).take(budget + 1), &mut out)?;
+        let written = std::io::copy(&mut (&mut member).take(budget.saturating_add(1)), &mut out)?;
         if written > budget {
             return Err(NpzError::TooLarge { limit: max_bytes });
         }
@@ -288,37 +288,49 @@ pub fn sample_count(arrays: &[NpyArray]) -> Result<u64, NpzError> {
     Ok(first.samples())
 }
 
+/// An `.npy` (version 1) file: `descr` is numpy's type string (`<f4`, `<i8`, ...), `data` the
+/// little-endian elements. For tests, fixtures and tools that produce datasets.
+pub fn encode_npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// An uncompressed `.npz` holding the given members (`name.npy`, bytes).
+pub fn encode_npz(members: &[(&str, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in members {
+        zip.start_file(*name, zip::write::SimpleFileOptions::default())
+            .map_err(std::io::Error::other)?;
+        zip.write_all(data)?;
+    }
+    Ok(zip.finish().map_err(std::io::Error::other)?.into_inner())
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::io::Write;
 
-    /// An .npy v1 file with the given descr, shape and data.
-    pub fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let shape_text = match dims.len() {
-            1 => format!("({},)", dims[0]),
-            _ => format!("({})", dims.join(", ")),
-        };
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        out.extend(data);
-        out
+    fn npy(descr: &str, shape: &[u64], data: &[u8]) -> Vec<u8> {
+        encode_npy(descr, shape, data)
     }
 
-    pub fn npz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
-        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        for (name, data) in members {
-            zip.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
-            zip.write_all(data).unwrap();
-        }
-        zip.finish().unwrap().into_inner()
+    fn npz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        encode_npz(members).unwrap()
     }
 
     fn unpack_bytes(bytes: Vec<u8>, limit: u64) -> Result<Vec<NpyArray>, NpzError> {

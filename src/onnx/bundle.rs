@@ -94,7 +94,7 @@ fn write_entry(name: &str, data: &mut dyn Read, dest: &Path, budget: &mut u64, l
         std::fs::create_dir_all(parent)?;
     }
     let mut out = std::fs::File::create_new(&path)?;
-    let written = std::io::copy(&mut data.take(*budget + 1), &mut out)?;
+    let written = std::io::copy(&mut data.take(budget.saturating_add(1)), &mut out)?;
     if written > *budget {
         return Err(BundleError::TooLarge { limit });
     }
