@@ -113,6 +113,7 @@ fn main() -> ExitCode {
                         calibration_fraction: config.eval.calibration_fraction,
                         seed: config.eval.seed,
                         execution_provider: provider.unwrap_or_else(|| config.eval.execution_provider.clone()),
+                        dim_overrides: Default::default(),
                     }),
             };
             match options {

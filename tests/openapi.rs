@@ -63,6 +63,11 @@ fn every_error_code_the_api_emits_is_documented() {
         "model_missing",
         "storage_error",
         "io_error",
+        "invalid_dataset",
+        "dataset_in_use",
+        "dataset_mismatch",
+        "cuda_unavailable",
+        "dataset_missing",
     ] {
         assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }

@@ -42,6 +42,9 @@ pub struct CreateJob {
     label_key: Option<String>,
     calibration_fraction: Option<f64>,
     execution_provider: Option<String>,
+    /// Sizes for named dynamic input dimensions of synthetic inputs (`{"height": 48}`).
+    #[serde(default)]
+    dim_overrides: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,6 +245,12 @@ async fn evaluation_options(state: &AppState, tenant: Tenant, body: &CreateJob) 
         }
         options.calibration_fraction = fraction;
     }
+    if let Some((name, size)) = body.dim_overrides.iter().find(|(_, v)| !(1..=1 << 20).contains(*v)) {
+        return Err(ApiError::InvalidRequest(format!(
+            "dim_overrides.{name} = {size}: sizes must be within 1..=1048576"
+        )));
+    }
+    options.dim_overrides = body.dim_overrides.clone();
     if let Some(provider) = &body.execution_provider {
         options.execution_provider = provider.clone();
     }

@@ -33,6 +33,9 @@ pub struct EvaluationOptions {
     pub seed: u64,
     #[serde(default = "default_provider")]
     pub execution_provider: String,
+    /// Sizes for named dynamic dimensions of synthetic inputs, over `eval.dim_overrides`.
+    #[serde(default)]
+    pub dim_overrides: std::collections::BTreeMap<String, i64>,
 }
 
 impl EvaluationOptions {
@@ -44,6 +47,7 @@ impl EvaluationOptions {
             calibration_fraction: eval.calibration_fraction,
             seed: eval.seed,
             execution_provider: eval.execution_provider.clone(),
+            dim_overrides: Default::default(),
         }
     }
 }

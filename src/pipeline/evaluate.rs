@@ -92,10 +92,12 @@ pub fn evaluate(
         calibrating,
     } = setup;
     let mut warnings = Vec::new();
+    let mut overrides = eval.dim_overrides.clone();
+    overrides.extend(options.dim_overrides.iter().map(|(k, v)| (k.clone(), *v)));
     let dims = DimPolicy {
         batch: eval.batch_size,
         default: eval.dynamic_dim,
-        overrides: &eval.dim_overrides,
+        overrides: &overrides,
     };
     let (samples, evaluation) = match dataset {
         None => {
