@@ -28,7 +28,8 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 test: setup lint
-	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
+	@models="$$(scripts/fetch-models.sh)" && \
+	  export MODELPRESS_MODELS_DIR="$$models" DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
 	  $(CARGO) test --all-targets
 
 check: test

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/ensure-python.sh
 export DATABASE_URL="${DATABASE_URL:-$(scripts/ensure-postgres.sh)}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/ort-dylib.sh)}"
+export MODELPRESS_MODELS_DIR="${MODELPRESS_MODELS_DIR:-$(scripts/fetch-models.sh)}"
 cargo build --release --examples >&2
 
 out=BENCHMARKS.md.tmp
@@ -20,6 +21,7 @@ out=BENCHMARKS.md.tmp
   echo "- Commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo
   ./target/release/examples/queue_bench
+  ./target/release/examples/onnx_bench
 } > "$out"
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

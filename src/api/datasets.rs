@@ -58,25 +58,7 @@ pub async fn upload(
     request: Request,
 ) -> ApiResult<Response> {
     let limit = state.config.limits.max_dataset_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(upload::too_large(limit));
-    }
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let staging = state.config.staging_dir();
-    tokio::fs::create_dir_all(&staging)
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?;
-    let folder = tempfile::tempdir_in(&staging).map_err(|e| ApiError::Internal(e.into()))?;
+    let (content_type, folder) = upload::begin(request.headers(), limit, &state.config.staging_dir()).await?;
     let path = folder.path().join("data.npz");
     let (written, filename) = if content_type.starts_with("application/octet-stream") {
         (

@@ -127,27 +127,9 @@ pub async fn upload(
     request: Request,
 ) -> ApiResult<Response> {
     let limit = state.config.limits.max_model_bytes;
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(upload::too_large(limit));
-    }
-    let content_type = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
     let staging = state.config.staging_dir();
-    tokio::fs::create_dir_all(&staging)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("creating the staging folder: {e}")))?;
+    let (content_type, folder) = upload::begin(request.headers(), limit, &staging).await?;
     let internal = |e: std::io::Error| ApiError::Internal(e.into());
-    // Removed with everything in it when the upload ends, stored or not.
-    let folder = tempfile::tempdir_in(&staging).map_err(internal)?;
     let model_path = folder.path().join(MODEL_FILE);
     let archive = match content_type.split(';').next().unwrap_or("").trim() {
         "application/zip" | "application/x-zip-compressed" => Some(ArchiveKind::Zip),

@@ -61,6 +61,33 @@ where
     })
 }
 
+/// What every upload starts with: the declared length checked against `limit` (413 before reading
+/// a byte), the content type (lowercased), and a fresh folder under the staging area that is
+/// removed with everything in it when the upload ends, stored or not.
+pub async fn begin(
+    headers: &axum::http::HeaderMap,
+    limit: u64,
+    staging: &Path,
+) -> ApiResult<(String, tempfile::TempDir)> {
+    use axum::http::header;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large(limit));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let internal = |e: std::io::Error| ApiError::Internal(anyhow::anyhow!("creating the staging folder: {e}"));
+    tokio::fs::create_dir_all(staging).await.map_err(internal)?;
+    let folder = tempfile::tempdir_in(staging).map_err(internal)?;
+    Ok((content_type, folder))
+}
+
 pub fn too_large(limit: u64) -> ApiError {
     ApiError::PayloadTooLarge(format!(
         "the upload is larger than the {limit}-byte limit (limits.max_model_bytes)"

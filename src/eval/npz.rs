@@ -54,7 +54,8 @@ impl NpyDtype {
                 "big-endian arrays ({descr}) are not supported; save little-endian"
             )));
         }
-        if !matches!(order, "<" | "|" | "=") && !(order == ">" && single_byte) {
+        let known_order = matches!(order, "<" | "|" | "=") || (order == ">" && single_byte);
+        if !known_order {
             return Err(invalid(format!("unknown dtype {descr:?}")));
         }
         Ok(match code {

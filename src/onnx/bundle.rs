@@ -166,7 +166,8 @@ mod tests {
 
     #[test]
     fn hostile_archives_are_refused() {
-        let cases: [(&[(&str, tar::EntryType, &[u8])], &str); 4] = [
+        type Entries<'a> = &'a [(&'a str, tar::EntryType, &'a [u8])];
+        let cases: [(Entries, &str); 4] = [
             (&[("../escape.bin", tar::EntryType::Regular, b"x")], "'..'"),
             (&[("/etc/cron.d/x", tar::EntryType::Regular, b"x")], "absolute"),
             (&[("link.bin", tar::EntryType::Symlink, b"")], "Symlink"),

@@ -27,7 +27,7 @@ pub const MAX_SUBGRAPH_DEPTH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("not a valid ONNX protobuf: {0}")]
+    #[error("not a valid ONNX protobuf: {}", shorten(&.0.to_string()))]
     Decode(#[from] prost::DecodeError),
     #[error("invalid ONNX model: {0}")]
     Invalid(String),
@@ -40,6 +40,18 @@ pub enum OnnxError {
 }
 
 pub type Result<T, E = OnnxError> = std::result::Result<T, E>;
+
+/// prost names every enclosing field in a decode error; for deeply nested input that is thousands
+/// of characters. Keep the start (what failed) and the end (where).
+fn shorten(message: &str) -> String {
+    const KEEP: usize = 160;
+    if message.len() <= 2 * KEEP + 5 {
+        return message.to_string();
+    }
+    let head = message.char_indices().nth(KEEP).map_or(message.len(), |(i, _)| i);
+    let tail = message.char_indices().rev().nth(KEEP).map_or(0, |(i, _)| i);
+    format!("{} ... {}", &message[..head], &message[tail..])
+}
 
 /// Decodes and validates a model held in memory.
 pub fn decode(bytes: &[u8]) -> Result<ModelProto> {

@@ -54,7 +54,7 @@ fn eval_err(e: impl std::fmt::Display) -> PipelineError {
 enum Samples {
     Synthetic(Vec<InputTensor>),
     Dataset {
-        bound: BoundDataset,
+        bound: Box<BoundDataset>,
         indices: Vec<u64>,
         labels: Option<NpyArray>,
     },
@@ -144,6 +144,7 @@ pub fn evaluate(
                 arrays: arrays.into_iter().map(|a| (a.name.clone(), a)).collect(),
                 feeds,
             };
+            let bound = Box::new(bound);
             (Samples::Dataset { bound, indices, labels }, evaluation)
         }
     };

@@ -223,7 +223,7 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         ),
         result: measurement(
             size(&result_path)?,
-            zstd_size(&[result_path.clone()])?,
+            zstd_size(std::slice::from_ref(&result_path))?,
             result_summary.parameters,
             result_sparsity,
             evaluated.result,
