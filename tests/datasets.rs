@@ -264,3 +264,38 @@ async fn capabilities_list_what_this_server_can_measure_on(pool: PgPool) {
     assert!(caps["cpu"]["cores"].as_u64().unwrap() >= 1);
     assert!(caps["cpu"]["features"]["avx2"].is_boolean());
 }
+
+#[sqlx::test]
+async fn int8_dynamic_quantization_keeps_the_digits_accuracy(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
+    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
+    let job = app
+        .submit(json!({
+            "model_id": model_id,
+            "recipe": [{"pass": "quantize_int8_dynamic", "per_channel": true}],
+            "dataset_id": dataset["id"],
+            "task": "classification",
+        }))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let report: Value = app
+        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let delta = report["comparison"]["delta"].as_f64().unwrap();
+    assert!(
+        delta.abs() <= 0.01,
+        "accuracy moved by {delta}: {}",
+        report["comparison"]
+    );
+    assert!(report["result"]["fidelity"]["top1_agreement"].as_f64().unwrap() >= 0.99);
+    assert!(report["result"]["size_bytes"].as_u64().unwrap() < report["original"]["size_bytes"].as_u64().unwrap() / 2);
+    app.stop().await;
+}

@@ -2,6 +2,7 @@
 //! parsed from the JSON a user sends. Passes read one ONNX file and write another.
 
 pub mod optimize;
+pub mod quantize_dynamic;
 
 use std::path::Path;
 
@@ -15,6 +16,7 @@ use crate::eval::Runtime;
 #[serde(tag = "pass", rename_all = "snake_case")]
 pub enum PassSpec {
     Optimize(optimize::OptimizeParams),
+    QuantizeInt8Dynamic(quantize_dynamic::DynamicParams),
 }
 
 /// A validated list of passes, applied in order.
@@ -27,7 +29,7 @@ pub struct Recipe(pub Vec<PassSpec>);
 pub struct RecipeError(pub String);
 
 /// Passes that are not registered yet answer with this list in their error message.
-pub const KNOWN_PASSES: &[&str] = &["optimize"];
+pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic"];
 
 impl Recipe {
     /// Parses and validates a recipe; the error names the step and the problem
@@ -63,13 +65,24 @@ fn parse_step(step: &Value) -> Result<PassSpec, String> {
             KNOWN_PASSES.join(", ")
         ));
     }
-    serde_json::from_value(step.clone()).map_err(|e| format!("pass {name:?}: {e}"))
+    let spec: PassSpec = serde_json::from_value(step.clone()).map_err(|e| format!("pass {name:?}: {e}"))?;
+    spec.validate().map_err(|e| format!("pass {name:?}: {e}"))?;
+    Ok(spec)
 }
 
 impl PassSpec {
+    /// Checks parameters serde cannot (ranges, combinations).
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            PassSpec::Optimize(_) => Ok(()),
+            PassSpec::QuantizeInt8Dynamic(p) => p.validate(),
+        }
+    }
+
     pub fn build(&self) -> Box<dyn Pass> {
         match self {
             PassSpec::Optimize(p) => Box::new(optimize::Optimize(p.clone())),
+            PassSpec::QuantizeInt8Dynamic(p) => Box::new(quantize_dynamic::QuantizeDynamic(p.clone())),
         }
     }
 }

@@ -180,6 +180,16 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         &mut *progress,
     )?;
     warnings.extend(evaluated.warnings);
+    let (before, after) = (evaluated.original.latency.p50_ms, evaluated.result.latency.p50_ms);
+    if after > before * 1.05 {
+        warnings.push(format!(
+            "the result is slower than the original: p50 {after:.3} ms vs {before:.3} ms at batch 1 ({:.2}x) on {} \
+             with {} thread(s)",
+            after / before,
+            provider.as_str(),
+            eval.threads
+        ));
+    }
 
     progress("report", 95.0);
     let mut original_files: Vec<PathBuf> = vec![model.to_path_buf()];

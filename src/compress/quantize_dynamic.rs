@@ -1,0 +1,412 @@
+//! `quantize_int8_dynamic`: MatMul/Gemm weights stored as int8 (per tensor or per output column,
+//! symmetric), activations quantized at run time. Written with standard ONNX operators only
+//! (`DynamicQuantizeLinear` → `MatMulInteger` → `Cast` → `Mul`), so the result runs in any ONNX
+//! runtime; ONNX Runtime fuses the chain into its `DynamicQuantizeMatMul` kernel.
+//!
+//! Conv is left alone on purpose: ONNX Runtime's `ConvInteger` has no fast CPU kernel, so a
+//! dynamically quantized Conv is smaller but slower; static (QDQ) quantization is the route there.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Pass, PassContext, PassError, PassOutput};
+use crate::onnx::graph::{self, GraphIndex, NameGen};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType};
+use crate::onnx::{self, external};
+
+/// Operators this pass can quantize.
+pub const SUPPORTED_OPS: &[&str] = &["MatMul", "Gemm"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicParams {
+    /// One scale per output column instead of one per weight tensor: more accurate, same size.
+    #[serde(default)]
+    pub per_channel: bool,
+    #[serde(default = "default_ops")]
+    pub op_types: Vec<String>,
+    /// Node names to leave in float.
+    #[serde(default)]
+    pub exclude_nodes: Vec<String>,
+}
+
+impl Default for DynamicParams {
+    fn default() -> Self {
+        DynamicParams {
+            per_channel: false,
+            op_types: default_ops(),
+            exclude_nodes: Vec::new(),
+        }
+    }
+}
+
+fn default_ops() -> Vec<String> {
+    SUPPORTED_OPS.iter().map(|s| s.to_string()).collect()
+}
+
+impl DynamicParams {
+    pub fn validate(&self) -> Result<(), String> {
+        for op in &self.op_types {
+            if op == "Conv" {
+                return Err(
+                    "op_types: Conv is not supported by dynamic quantization (ONNX Runtime's ConvInteger has \
+                            no fast CPU kernel); use static quantization for convolutions"
+                        .into(),
+                );
+            }
+            if !SUPPORTED_OPS.contains(&op.as_str()) {
+                return Err(format!("op_types: {op:?} is not one of {}", SUPPORTED_OPS.join(", ")));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct QuantizeDynamic(pub DynamicParams);
+
+/// A weight to quantize: `w` as [K, N] row-major f32 (Gemm's transB already undone).
+struct Weight {
+    k: usize,
+    n: usize,
+    values: Vec<f32>,
+}
+
+impl Pass for QuantizeDynamic {
+    fn name(&self) -> &'static str {
+        "quantize_int8_dynamic"
+    }
+
+    fn run(&self, input: &Path, output: &Path, _ctx: &PassContext<'_>) -> Result<PassOutput, PassError> {
+        let err = |m: String| PassError(m);
+        let mut model = onnx::load(input).map_err(|e| err(e.to_string()))?;
+        let opset = graph::opset_version(&model, "").unwrap_or(0);
+        if opset < 11 {
+            return Err(err(format!(
+                "needs opset 11 or later (DynamicQuantizeLinear, MatMulInteger); the model imports opset {opset}"
+            )));
+        }
+        let graph = model
+            .graph
+            .as_mut()
+            .ok_or_else(|| err("the model has no graph".into()))?;
+        let index = GraphIndex::new(graph);
+        let mut names = NameGen::new(graph);
+        let excluded: HashSet<&str> = self.0.exclude_nodes.iter().map(String::as_str).collect();
+        let wanted: HashSet<&str> = self.0.op_types.iter().map(String::as_str).collect();
+
+        let mut out = PassOutput::default();
+        let mut skipped: HashMap<String, usize> = HashMap::new();
+        let mut quantized = 0usize;
+        let mut weights_quantized = 0u64;
+        let mut replaced: Vec<(usize, Vec<NodeProto>)> = Vec::new();
+        let mut new_initializers: Vec<TensorProto> = Vec::new();
+        // One DynamicQuantizeLinear per activation, shared by every MatMul that reads it.
+        let mut quantized_activations: HashMap<String, [String; 3]> = HashMap::new();
+        let mut consumed_weights: HashMap<String, usize> = HashMap::new();
+
+        for (i, node) in graph.node.iter().enumerate() {
+            if !matches!(node.domain(), "" | "ai.onnx") || !wanted.contains(node.op_type()) {
+                continue;
+            }
+            if excluded.contains(node.name()) {
+                *skipped.entry("excluded by exclude_nodes".into()).or_default() += 1;
+                continue;
+            }
+            let weight = match weight_of(node, &index, graph) {
+                Ok(w) => w,
+                Err(why) => {
+                    *skipped.entry(why).or_default() += 1;
+                    continue;
+                }
+            };
+            let w_name = node.input[1].clone();
+            let (q, scales) = quantize(&weight, self.0.per_channel);
+            let base = sanitize(&w_name);
+            let q_name = names.fresh(&format!("{base}_quantized"));
+            let scale_name = names.fresh(&format!("{base}_scale"));
+            let zp_name = names.fresh(&format!("{base}_zero_point"));
+            let scale_dims: Vec<i64> = if self.0.per_channel {
+                vec![weight.n as i64]
+            } else {
+                vec![]
+            };
+            new_initializers.push(tensor(
+                &q_name,
+                &[weight.k as i64, weight.n as i64],
+                DataType::Int8,
+                q.iter().map(|&v| v as u8).collect(),
+            ));
+            new_initializers.push(tensor(
+                &scale_name,
+                &scale_dims,
+                DataType::Float,
+                scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+            new_initializers.push(tensor(&zp_name, &scale_dims, DataType::Int8, vec![0u8; scales.len()]));
+
+            let a = node.input[0].clone();
+            let mut nodes = Vec::new();
+            let [a_q, a_scale, a_zp] = match quantized_activations.get(&a) {
+                Some(names) => names.clone(),
+                None => {
+                    let outs = [
+                        names.fresh(&format!("{}_quantized", sanitize(&a))),
+                        names.fresh(&format!("{}_scale", sanitize(&a))),
+                        names.fresh(&format!("{}_zero_point", sanitize(&a))),
+                    ];
+                    nodes.push(node_of(
+                        &mut names,
+                        "DynamicQuantizeLinear",
+                        &[&a],
+                        &outs.iter().map(String::as_str).collect::<Vec<_>>(),
+                        vec![],
+                    ));
+                    quantized_activations.insert(a.clone(), outs.clone());
+                    outs
+                }
+            };
+            let y_int = names.fresh(&format!("{}_int32", sanitize(node.name())));
+            let y_float = names.fresh(&format!("{}_float", sanitize(node.name())));
+            let scale = names.fresh(&format!("{}_output_scale", sanitize(node.name())));
+            let output = node.output[0].clone();
+            let bias = (node.op_type() == "Gemm")
+                .then(|| node.input.get(2).filter(|c| !c.is_empty()).cloned())
+                .flatten();
+            let product = if bias.is_some() {
+                names.fresh(&format!("{}_no_bias", sanitize(node.name())))
+            } else {
+                output.clone()
+            };
+            nodes.push(node_of(
+                &mut names,
+                "MatMulInteger",
+                &[&a_q, &q_name, &a_zp, &zp_name],
+                &[&y_int],
+                vec![],
+            ));
+            nodes.push(node_of(
+                &mut names,
+                "Cast",
+                &[&y_int],
+                &[&y_float],
+                vec![int_attr("to", DataType::Float as i64)],
+            ));
+            nodes.push(node_of(&mut names, "Mul", &[&a_scale, &scale_name], &[&scale], vec![]));
+            nodes.push(node_of(&mut names, "Mul", &[&y_float, &scale], &[&product], vec![]));
+            if let Some(c) = bias {
+                nodes.push(node_of(&mut names, "Add", &[&product, &c], &[&output], vec![]));
+            }
+            replaced.push((i, nodes));
+            *consumed_weights.entry(w_name).or_default() += 1;
+            quantized += 1;
+            weights_quantized += (weight.k * weight.n) as u64;
+        }
+
+        // Splice the replacements in, back to front so indices stay valid.
+        for (i, nodes) in replaced.into_iter().rev() {
+            graph.node.splice(i..=i, nodes);
+        }
+        graph.initializer.extend(new_initializers);
+        // Float weights nobody reads any more go.
+        let (dead_nodes, dead_weights) = graph::eliminate_dead(graph);
+        graph::topological_order(graph).map_err(|e| err(format!("the rewritten graph is invalid: {e}")))?;
+
+        let mut skipped: Vec<String> = skipped
+            .into_iter()
+            .map(|(why, n)| format!("{n} skipped: {why}"))
+            .collect();
+        skipped.sort();
+        if quantized == 0 {
+            out.warnings.push(format!(
+                "quantize_int8_dynamic found nothing to quantize (no {} with a constant 2-D float weight); the model is unchanged{}",
+                self.0.op_types.join("/"),
+                if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) }
+            ));
+        }
+        out.notes.push(format!(
+            "{quantized} node(s) quantized, {weights_quantized} weights to int8 ({}); {dead_weights} float \
+             initializer(s) and {dead_nodes} Constant node(s) no longer read were removed",
+            if self.0.per_channel {
+                "per output column"
+            } else {
+                "per tensor"
+            }
+        ));
+        out.notes.extend(skipped);
+        external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
+fn weight_of(node: &NodeProto, index: &GraphIndex, g: &crate::onnx::proto::GraphProto) -> Result<Weight, String> {
+    let name = node.input.get(1).ok_or("no weight input")?;
+    // Initializers, or `Constant` nodes (some exporters keep every weight there).
+    let t = index
+        .initializer(g, name)
+        .or_else(|| {
+            let producer = &g.node[*index.producer.get(name)?];
+            (producer.op_type() == "Constant")
+                .then(|| {
+                    producer
+                        .attribute
+                        .iter()
+                        .find(|a| a.name() == "value")
+                        .and_then(|a| a.t.as_ref())
+                })
+                .flatten()
+        })
+        .ok_or("the weight is not a constant")?;
+    if t.data_type() != DataType::Float as i32 {
+        return Err("the weight is not float32".into());
+    }
+    if t.dims.len() != 2 {
+        return Err("the weight is not 2-D".into());
+    }
+    let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+    let values: Vec<f32> = match &t.raw_data {
+        Some(raw) => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        None => t.float_data.clone(),
+    };
+    if values.len() != rows * cols {
+        return Err("the weight's data does not match its shape".into());
+    }
+    if node.op_type() == "Gemm" {
+        let attr = |n: &str| node.attribute.iter().find(|a| a.name() == n);
+        let int = |n: &str, d: i64| attr(n).map_or(d, |a| a.i());
+        let float = |n: &str, d: f32| attr(n).map_or(d, |a| a.f());
+        if int("transA", 0) != 0 || float("alpha", 1.0) != 1.0 || float("beta", 1.0) != 1.0 {
+            return Err("Gemm with transA, alpha or beta is not handled".into());
+        }
+        if int("transB", 0) != 0 {
+            // Stored as [N, K]: transpose to [K, N].
+            let mut t = vec![0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = values[r * cols + c];
+                }
+            }
+            return Ok(Weight {
+                k: cols,
+                n: rows,
+                values: t,
+            });
+        }
+    }
+    Ok(Weight {
+        k: rows,
+        n: cols,
+        values,
+    })
+}
+
+/// Symmetric int8 in [-127, 127]: q = round(w / scale), scale = max|w| / 127 (1 for all-zero).
+fn quantize(w: &Weight, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
+    let scale_of = |max: f32| if max > 0.0 { max / 127.0 } else { 1.0 };
+    let scales: Vec<f32> = if per_channel {
+        (0..w.n)
+            .map(|c| scale_of((0..w.k).map(|r| w.values[r * w.n + c].abs()).fold(0.0, f32::max)))
+            .collect()
+    } else {
+        vec![scale_of(w.values.iter().map(|v| v.abs()).fold(0.0, f32::max))]
+    };
+    let q = w
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let s = if per_channel { scales[i % w.n] } else { scales[0] };
+            (v / s).round().clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
+}
+
+fn node_of(
+    names: &mut NameGen,
+    op: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        name: Some(names.fresh(&format!("{}_{op}", "quant"))),
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// A value name usable as a prefix for generated names.
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    if s.is_empty() { "v".into() } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symmetric_int8_round_trips_within_half_a_step() {
+        let w = Weight {
+            k: 2,
+            n: 3,
+            values: vec![1.0, -0.5, 0.0, -2.0, 0.25, 0.0],
+        };
+        let (q, s) = quantize(&w, false);
+        assert_eq!(s, vec![2.0 / 127.0]);
+        assert_eq!(q[3], -127);
+        for (v, q) in w.values.iter().zip(&q) {
+            assert!((v - *q as f32 * s[0]).abs() <= s[0] / 2.0 + 1e-7);
+        }
+        let (q, s) = quantize(&w, true);
+        assert_eq!(s, vec![2.0 / 127.0, 0.5 / 127.0, 1.0]);
+        assert_eq!(
+            (q[1], q[2], q[5]),
+            (-127, 0, 0),
+            "an all-zero column gets scale 1 and stays zero"
+        );
+    }
+
+    #[test]
+    fn conv_and_unknown_ops_are_refused_up_front() {
+        let p = |ops: &[&str]| DynamicParams {
+            op_types: ops.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(p(&["Conv"]).validate().unwrap_err().contains("ConvInteger"));
+        assert!(p(&["Foo"]).validate().unwrap_err().contains("not one of"));
+        p(&["MatMul"]).validate().unwrap();
+    }
+}

@@ -1,0 +1,227 @@
+//! `quantize_int8_dynamic` on generated models, through the same pipeline jobs run: the result
+//! loads in ONNX Runtime and in `onnx.checker`, stays close to the original, is smaller, and is
+//! byte-identical when run twice.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use modelpress::compress::Recipe;
+use modelpress::config::Config;
+use modelpress::eval::Runtime;
+use modelpress::eval::dataset::EvaluationOptions;
+use modelpress::onnx::builder::{self, DimSpec, GraphBuilder, attr_int};
+use modelpress::onnx::proto::tensor_proto::DataType;
+use modelpress::onnx::proto::{AttributeProto, ModelProto, NodeProto, attribute_proto::AttributeType};
+use modelpress::pipeline::{self, PipelineError, PipelineInput};
+use modelpress::report::Report;
+use serde_json::json;
+
+fn run(model: &ModelProto, recipe: serde_json::Value, out: &Path) -> Result<Report, PipelineError> {
+    let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
+    let mut config = Config::defaults();
+    config.eval.timed_runs = 3;
+    config.eval.warmup_runs = 1;
+    std::fs::create_dir_all(out).unwrap();
+    let input = out.join("input.onnx");
+    std::fs::write(&input, modelpress::onnx::encode(model)).unwrap();
+    let recipe = Recipe::parse(&recipe).unwrap();
+    let options = EvaluationOptions::defaults(&config.eval);
+    pipeline::run(
+        PipelineInput {
+            runtime: &runtime,
+            model: &input,
+            recipe: &recipe,
+            out_dir: &out.join("out"),
+            eval: &config.eval,
+            job_id: None,
+            options: &options,
+            dataset: None,
+        },
+        &mut |_, _| {},
+    )
+}
+
+fn onnx_checker(path: &Path) {
+    let check = Command::new(common::python())
+        .args([
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+/// x[batch, 24] → Gemm(W stored [12, 24], transB=1, bias) → y[batch, 12]
+fn gemm_model() -> ModelProto {
+    let w: Vec<f32> = (0..12 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let b: Vec<f32> = (0..12).map(|i| i as f32 * 0.1).collect();
+    GraphBuilder::new("gemm")
+        .input("x", DataType::Float, &[DimSpec::Symbolic("batch"), DimSpec::Fixed(24)])
+        .output("y", DataType::Float, &[DimSpec::Symbolic("batch"), DimSpec::Fixed(12)])
+        .initializer_f32("w", &[12, 24], w)
+        .initializer_f32("b", &[12], b)
+        .node("Gemm", &["x", "w", "b"], &["y"], vec![attr_int("transB", 1)])
+        .build()
+}
+
+#[test]
+fn the_tiny_mlp_quantizes_per_tensor_and_per_channel() {
+    for per_channel in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let report = run(
+            &builder::tiny_mlp(5),
+            json!([{"pass": "quantize_int8_dynamic", "per_channel": per_channel}]),
+            dir.path(),
+        )
+        .unwrap();
+        let result = dir.path().join("out/model.onnx");
+        onnx_checker(&result);
+        let model = modelpress::onnx::load(&result).unwrap();
+        let summary = modelpress::onnx::ModelSummary::of(&model);
+        let ops = summary.op_counts;
+        assert_eq!(ops.get("MatMulInteger"), Some(&2), "{ops:?}");
+        // Every weight is int8 now; what stays float are the biases and the scales.
+        let weights = (builder::MLP_IN * builder::MLP_HIDDEN + builder::MLP_HIDDEN * builder::MLP_OUT) as u64;
+        assert!(summary.parameters_by_dtype["int8"].elements >= weights);
+        assert!(
+            summary.parameters_by_dtype["float32"].elements < 100,
+            "{:?}",
+            summary.parameters_by_dtype
+        );
+        assert_eq!(ops.get("DynamicQuantizeLinear"), Some(&2));
+        assert_eq!(ops.get("MatMul"), None);
+        assert!(report.result.size_bytes < report.original.size_bytes);
+        assert!(
+            report.result.fidelity.cosine_similarity > 0.999,
+            "{:?}",
+            report.result.fidelity
+        );
+        assert!(
+            report.passes[0].notes[0].starts_with("2 node(s) quantized"),
+            "{:?}",
+            report.passes
+        );
+    }
+}
+
+#[test]
+fn gemm_with_transposed_weights_and_bias_quantizes_faithfully() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(
+        &gemm_model(),
+        json!([{"pass": "quantize_int8_dynamic", "per_channel": true}]),
+        dir.path(),
+    )
+    .unwrap();
+    onnx_checker(&dir.path().join("out/model.onnx"));
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.999,
+        "{:?}",
+        report.result.fidelity
+    );
+    assert!(
+        report.result.fidelity.max_abs_error < 0.1,
+        "{:?}",
+        report.result.fidelity
+    );
+}
+
+#[test]
+fn weights_kept_in_constant_nodes_are_quantized_too() {
+    let mut model = builder::tiny_mlp(6);
+    let graph = model.graph.as_mut().unwrap();
+    // Move w1 from an initializer into a Constant node, as Paddle exports do.
+    let w1 = graph.initializer.remove(0);
+    graph.node.insert(
+        0,
+        NodeProto {
+            name: Some("w1_const".into()),
+            op_type: Some("Constant".into()),
+            output: vec!["w1".into()],
+            attribute: vec![AttributeProto {
+                name: Some("value".into()),
+                r#type: Some(AttributeType::Tensor as i32),
+                t: Some(w1),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, json!([{"pass": "quantize_int8_dynamic"}]), dir.path()).unwrap();
+    assert!(
+        report.passes[0].notes[0].starts_with("2 node(s) quantized"),
+        "{:?}",
+        report.passes
+    );
+    assert!(
+        report.passes[0].notes[0].contains("1 Constant node(s)"),
+        "{:?}",
+        report.passes
+    );
+}
+
+#[test]
+fn quantizing_twice_gives_byte_identical_models() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let recipe =
+        json!([{"pass": "optimize", "level": "basic"}, {"pass": "quantize_int8_dynamic", "per_channel": true}]);
+    run(&builder::tiny_mlp(7), recipe.clone(), a.path()).unwrap();
+    run(&builder::tiny_mlp(7), recipe, b.path()).unwrap();
+    assert_eq!(
+        std::fs::read(a.path().join("out/model.onnx")).unwrap(),
+        std::fs::read(b.path().join("out/model.onnx")).unwrap()
+    );
+}
+
+#[test]
+fn a_model_with_nothing_to_quantize_is_returned_unchanged_with_a_warning() {
+    let model = GraphBuilder::new("relu")
+        .input("x", DataType::Float, &[DimSpec::Fixed(4)])
+        .output("y", DataType::Float, &[DimSpec::Fixed(4)])
+        .node("Relu", &["x"], &["y"], vec![])
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, json!([{"pass": "quantize_int8_dynamic"}]), dir.path()).unwrap();
+    assert!(
+        report.warnings.iter().any(|w| w.contains("found nothing to quantize")),
+        "{:?}",
+        report.warnings
+    );
+    assert_eq!(report.result.fidelity.max_abs_error, 0.0);
+}
+
+#[test]
+fn an_opset_too_old_for_integer_ops_is_refused_with_the_reason() {
+    let model = GraphBuilder::new("old").opset("", 10).build();
+    let mut model = ModelProto { ..model };
+    model.graph = builder::tiny_mlp(1).graph;
+    let dir = tempfile::tempdir().unwrap();
+    let err = run(&model, json!([{"pass": "quantize_int8_dynamic"}]), dir.path()).unwrap_err();
+    assert_eq!(err.code(), "pass_failed");
+    assert!(
+        err.to_string().contains("opset 11") && err.to_string().contains("opset 10"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_parameters_are_refused_when_the_recipe_is_parsed() {
+    for (recipe, expected) in [
+        (
+            json!([{"pass": "quantize_int8_dynamic", "op_types": ["Conv"]}]),
+            "ConvInteger",
+        ),
+        (
+            json!([{"pass": "quantize_int8_dynamic", "per_chanel": true}]),
+            "unknown field",
+        ),
+    ] {
+        let err = Recipe::parse(&recipe).unwrap_err().0;
+        assert!(err.contains(expected), "{err}");
+    }
+}
