@@ -299,3 +299,37 @@ async fn int8_dynamic_quantization_keeps_the_digits_accuracy(pool: PgPool) {
     assert!(report["result"]["size_bytes"].as_u64().unwrap() < report["original"]["size_bytes"].as_u64().unwrap() / 2);
     app.stop().await;
 }
+
+#[sqlx::test]
+async fn int4_weight_only_keeps_most_of_the_digits_accuracy(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
+    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
+    let job = app
+        .submit(json!({
+            "model_id": model_id,
+            "recipe": [{"pass": "quantize_int4_weight_only", "block_size": 32, "symmetric": false}],
+            "dataset_id": dataset["id"],
+            "task": "classification",
+        }))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let report: Value = app
+        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let delta = report["comparison"]["delta"].as_f64().unwrap();
+    assert!(
+        delta.abs() <= 0.03,
+        "accuracy moved by {delta}: {}",
+        report["comparison"]
+    );
+    assert!(report["result"]["size_bytes"].as_u64().unwrap() * 3 < report["original"]["size_bytes"].as_u64().unwrap());
+    app.stop().await;
+}

@@ -225,3 +225,54 @@ fn bad_parameters_are_refused_when_the_recipe_is_parsed() {
         assert!(err.contains(expected), "{err}");
     }
 }
+
+#[test]
+fn int4_weight_only_packs_matmuls_into_matmulnbits_in_both_modes() {
+    for symmetric in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = json!([{"pass": "quantize_int4_weight_only", "block_size": 16, "symmetric": symmetric}]);
+        let report = run(&builder::tiny_mlp(8), recipe, dir.path()).unwrap();
+        let result = dir.path().join("out/model.onnx");
+        onnx_checker(&result);
+        let model = modelpress::onnx::load(&result).unwrap();
+        assert_eq!(modelpress::onnx::graph::opset_version(&model, "com.microsoft"), Some(1));
+        let summary = modelpress::onnx::ModelSummary::of(&model);
+        assert_eq!(
+            summary.op_counts.get("com.microsoft::MatMulNBits"),
+            Some(&2),
+            "{:?}",
+            summary.op_counts
+        );
+        assert_eq!(summary.op_counts.get("MatMul"), None);
+        assert!(
+            report.result.fidelity.cosine_similarity > 0.98,
+            "{symmetric}: {:?}",
+            report.result.fidelity
+        );
+        assert!(report.result.size_bytes < report.original.size_bytes);
+    }
+}
+
+#[test]
+fn int4_on_a_model_without_matmul_says_so() {
+    let model = gemm_model();
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, json!([{"pass": "quantize_int4_weight_only"}]), dir.path()).unwrap();
+    assert!(
+        report.warnings.iter().any(|w| w.contains("found no MatMul")),
+        "{:?}",
+        report.warnings
+    );
+}
+
+#[test]
+fn int4_is_deterministic() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let recipe = json!([{"pass": "quantize_int4_weight_only", "symmetric": false}]);
+    run(&builder::tiny_mlp(9), recipe.clone(), a.path()).unwrap();
+    run(&builder::tiny_mlp(9), recipe, b.path()).unwrap();
+    assert_eq!(
+        std::fs::read(a.path().join("out/model.onnx")).unwrap(),
+        std::fs::read(b.path().join("out/model.onnx")).unwrap()
+    );
+}

@@ -3,6 +3,8 @@
 
 pub mod optimize;
 pub mod quantize_dynamic;
+pub mod quantize_int4;
+pub mod weights;
 
 use std::path::Path;
 
@@ -17,6 +19,7 @@ use crate::eval::Runtime;
 pub enum PassSpec {
     Optimize(optimize::OptimizeParams),
     QuantizeInt8Dynamic(quantize_dynamic::DynamicParams),
+    QuantizeInt4WeightOnly(quantize_int4::Int4Params),
 }
 
 /// A validated list of passes, applied in order.
@@ -29,7 +32,7 @@ pub struct Recipe(pub Vec<PassSpec>);
 pub struct RecipeError(pub String);
 
 /// Passes that are not registered yet answer with this list in their error message.
-pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic"];
+pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic", "quantize_int4_weight_only"];
 
 impl Recipe {
     /// Parses and validates a recipe; the error names the step and the problem
@@ -76,6 +79,7 @@ impl PassSpec {
         match self {
             PassSpec::Optimize(_) => Ok(()),
             PassSpec::QuantizeInt8Dynamic(p) => p.validate(),
+            PassSpec::QuantizeInt4WeightOnly(p) => p.validate(),
         }
     }
 
@@ -83,6 +87,7 @@ impl PassSpec {
         match self {
             PassSpec::Optimize(p) => Box::new(optimize::Optimize(p.clone())),
             PassSpec::QuantizeInt8Dynamic(p) => Box::new(quantize_dynamic::QuantizeDynamic(p.clone())),
+            PassSpec::QuantizeInt4WeightOnly(p) => Box::new(quantize_int4::QuantizeInt4(p.clone())),
         }
     }
 }

@@ -181,7 +181,8 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     )?;
     warnings.extend(evaluated.warnings);
     let (before, after) = (evaluated.original.latency.p50_ms, evaluated.result.latency.p50_ms);
-    if after > before * 1.05 {
+    // Past 5% and past timer noise (10 µs) on models that run in microseconds.
+    if after > before * 1.05 && after - before > 0.01 {
         warnings.push(format!(
             "the result is slower than the original: p50 {after:.3} ms vs {before:.3} ms at batch 1 ({:.2}x) on {} \
              with {} thread(s)",

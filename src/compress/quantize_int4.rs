@@ -1,0 +1,294 @@
+//! `quantize_int4_weight_only`: MatMul weights quantized blockwise to 4 bits along K and stored in
+//! ONNX Runtime's `com.microsoft.MatMulNBits` layout: codes packed two per byte (low nibble first),
+//! one float scale per block and column, and (asymmetric mode) packed 4-bit zero points. The
+//! activations stay float; this is the transformer weight compression ORT runs fastest.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::weights::{Weight, node_of, sanitize, tensor, weight_of};
+use super::{Pass, PassContext, PassError, PassOutput};
+use crate::onnx::graph::{self, GraphIndex, NameGen};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType};
+use crate::onnx::{self, external};
+
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Int4Params {
+    /// Weights per block along K sharing one scale: 16, 32, 64, 128 or 256.
+    #[serde(default = "default_block")]
+    pub block_size: u32,
+    /// Symmetric (implicit zero point 8) or with a zero point per block.
+    #[serde(default = "default_true")]
+    pub symmetric: bool,
+    /// MatMulNBits `accuracy_level`: 0 lets ORT choose, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute.
+    #[serde(default)]
+    pub accuracy_level: u8,
+    #[serde(default)]
+    pub exclude_nodes: Vec<String>,
+}
+
+fn default_block() -> u32 {
+    32
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for Int4Params {
+    fn default() -> Self {
+        Int4Params {
+            block_size: 32,
+            symmetric: true,
+            accuracy_level: 0,
+            exclude_nodes: Vec::new(),
+        }
+    }
+}
+
+impl Int4Params {
+    pub fn validate(&self) -> Result<(), String> {
+        if ![16, 32, 64, 128, 256].contains(&self.block_size) {
+            return Err(format!(
+                "block_size {} is not one of 16, 32, 64, 128, 256",
+                self.block_size
+            ));
+        }
+        if self.accuracy_level > 4 {
+            return Err(format!("accuracy_level {} is not within 0..=4", self.accuracy_level));
+        }
+        Ok(())
+    }
+}
+
+pub struct QuantizeInt4(pub Int4Params);
+
+/// One weight in MatMulNBits form.
+struct Packed {
+    /// [N, blocks, block_size / 2]
+    codes: Vec<u8>,
+    /// [N * blocks]
+    scales: Vec<f32>,
+    /// [N * ceil(blocks / 2)], asymmetric only.
+    zero_points: Option<Vec<u8>>,
+    blocks: usize,
+}
+
+/// Quantizes `w` ([K, N]) column by column in blocks of `block` along K; the last block is padded
+/// with values that decode to exactly zero.
+fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
+    let blocks = w.k.div_ceil(block);
+    let mut codes = vec![0u8; w.n * blocks * block / 2];
+    let mut scales = vec![0f32; w.n * blocks];
+    let zp_bytes = blocks.div_ceil(2);
+    let mut zero_points = (!symmetric).then(|| vec![0u8; w.n * zp_bytes]);
+    for col in 0..w.n {
+        for b in 0..blocks {
+            let rows = (b * block)..((b + 1) * block).min(w.k);
+            let values: Vec<f32> = rows.clone().map(|r| w.values[r * w.n + col]).collect();
+            let (scale, zp) = if symmetric {
+                let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+                (if max > 0.0 { max / 7.0 } else { 1.0 }, 8u8)
+            } else {
+                let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+                (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
+            };
+            scales[col * blocks + b] = scale;
+            if let Some(z) = zero_points.as_mut() {
+                z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
+            }
+            for i in 0..block {
+                let code = match values.get(i) {
+                    Some(&v) => ((v / scale).round() + zp as f32).clamp(0.0, 15.0) as u8,
+                    None => zp,
+                };
+                let byte = (col * blocks + b) * block / 2 + i / 2;
+                codes[byte] |= code << (4 * (i % 2));
+            }
+        }
+    }
+    Packed {
+        codes,
+        scales,
+        zero_points,
+        blocks,
+    }
+}
+
+fn int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
+}
+
+impl Pass for QuantizeInt4 {
+    fn name(&self) -> &'static str {
+        "quantize_int4_weight_only"
+    }
+
+    fn run(&self, input: &Path, output: &Path, _ctx: &PassContext<'_>) -> Result<PassOutput, PassError> {
+        let err = |m: String| PassError(m);
+        let mut model = onnx::load(input).map_err(|e| err(e.to_string()))?;
+        let graph = model
+            .graph
+            .as_mut()
+            .ok_or_else(|| err("the model has no graph".into()))?;
+        let index = GraphIndex::new(graph);
+        let mut names = NameGen::new(graph);
+        let excluded: HashSet<&str> = self.0.exclude_nodes.iter().map(String::as_str).collect();
+        let block = self.0.block_size as usize;
+
+        let mut replaced: Vec<(usize, NodeProto)> = Vec::new();
+        let mut new_initializers: Vec<TensorProto> = Vec::new();
+        let mut skipped: HashMap<String, usize> = HashMap::new();
+        let mut weights = 0u64;
+        for (i, node) in graph.node.iter().enumerate() {
+            if node.op_type() != "MatMul" || !matches!(node.domain(), "" | "ai.onnx") {
+                continue;
+            }
+            if excluded.contains(node.name()) {
+                *skipped.entry("excluded by exclude_nodes".into()).or_default() += 1;
+                continue;
+            }
+            let w = match weight_of(node, &index, graph) {
+                Ok(w) => w,
+                Err(why) => {
+                    *skipped.entry(why).or_default() += 1;
+                    continue;
+                }
+            };
+            let packed = pack(&w, block, self.0.symmetric);
+            let base = sanitize(&node.input[1]);
+            let b_name = names.fresh(&format!("{base}_Q4"));
+            let s_name = names.fresh(&format!("{base}_scales"));
+            new_initializers.push(tensor(
+                &b_name,
+                &[w.n as i64, packed.blocks as i64, (block / 2) as i64],
+                DataType::Uint8,
+                packed.codes,
+            ));
+            new_initializers.push(tensor(
+                &s_name,
+                &[(w.n * packed.blocks) as i64],
+                DataType::Float,
+                packed.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+            let mut inputs = vec![node.input[0].as_str(), b_name.as_str(), s_name.as_str()];
+            let zp_name;
+            if let Some(z) = packed.zero_points {
+                zp_name = names.fresh(&format!("{base}_zero_points"));
+                new_initializers.push(tensor(&zp_name, &[z.len() as i64], DataType::Uint8, z));
+                inputs.push(zp_name.as_str());
+            }
+            let mut q = node_of(
+                &mut names,
+                "MatMulNBits",
+                &inputs,
+                &[node.output[0].as_str()],
+                vec![
+                    int("K", w.k as i64),
+                    int("N", w.n as i64),
+                    int("bits", 4),
+                    int("block_size", block as i64),
+                    int("accuracy_level", self.0.accuracy_level as i64),
+                ],
+            );
+            q.domain = Some(MS_DOMAIN.into());
+            replaced.push((i, q));
+            weights += (w.k * w.n) as u64;
+        }
+        let quantized = replaced.len();
+        for (i, node) in replaced {
+            graph.node[i] = node;
+        }
+        graph.initializer.extend(new_initializers);
+        let (dead_nodes, dead_weights) = graph::eliminate_dead(graph);
+        let mut out = PassOutput::default();
+        if quantized > 0 {
+            graph::require_opset(&mut model, MS_DOMAIN, 1).map_err(|e| err(e.to_string()))?;
+        } else {
+            out.warnings.push(
+                "quantize_int4_weight_only found no MatMul with a constant 2-D float weight; the model is unchanged \
+                 (int4 weight-only quantization is for MatMul-heavy models such as transformers, not CNNs)"
+                    .into(),
+            );
+        }
+        let mut skipped: Vec<String> = skipped
+            .into_iter()
+            .map(|(why, n)| format!("{n} skipped: {why}"))
+            .collect();
+        skipped.sort();
+        out.notes.push(format!(
+            "{quantized} MatMul node(s) to MatMulNBits, {weights} weights to 4 bits (block {block}, {}); {dead_weights} \
+             float initializer(s) and {dead_nodes} Constant node(s) no longer read were removed",
+            if self.0.symmetric { "symmetric" } else { "with zero points" }
+        ));
+        out.notes.extend(skipped);
+        external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(p: &Packed, w: &Weight, block: usize, col: usize, row: usize) -> f32 {
+        let b = row / block;
+        let i = row % block;
+        let byte = p.codes[(col * p.blocks + b) * block / 2 + i / 2];
+        let code = (byte >> (4 * (i % 2))) & 0xf;
+        let zp = match &p.zero_points {
+            Some(z) => (z[col * p.blocks.div_ceil(2) + b / 2] >> (4 * (b % 2))) & 0xf,
+            None => 8,
+        };
+        let _ = w;
+        (code as f32 - zp as f32) * p.scales[col * p.blocks + b]
+    }
+
+    #[test]
+    fn packed_weights_decode_within_half_a_step_in_both_modes() {
+        let (k, n) = (40, 3); // K not a multiple of the block: the last block is padded.
+        let values: Vec<f32> = (0..k * n).map(|i| ((i * 13 % 29) as f32 - 11.0) / 7.0).collect();
+        let w = Weight { k, n, values };
+        for symmetric in [true, false] {
+            let p = pack(&w, 16, symmetric);
+            assert_eq!(p.blocks, 3);
+            assert_eq!(p.codes.len(), n * 3 * 8);
+            for col in 0..n {
+                for row in 0..k {
+                    let b = row / 16;
+                    let step = p.scales[col * p.blocks + b];
+                    let got = decode(&p, &w, 16, col, row);
+                    let want = w.values[row * n + col];
+                    assert!(
+                        (got - want).abs() <= step / 2.0 + 1e-5,
+                        "sym {symmetric} [{row},{col}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_are_checked() {
+        let p = |block_size, accuracy_level| Int4Params {
+            block_size,
+            accuracy_level,
+            ..Default::default()
+        };
+        assert!(p(48, 0).validate().unwrap_err().contains("block_size"));
+        assert!(p(32, 5).validate().unwrap_err().contains("accuracy_level"));
+        p(128, 4).validate().unwrap();
+    }
+}

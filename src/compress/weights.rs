@@ -1,0 +1,123 @@
+//! What the quantization passes share: reading a MatMul/Gemm's constant weight as [K, N] floats,
+//! and building the tensors and nodes of the rewritten graph.
+
+use crate::onnx::graph::{GraphIndex, NameGen};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{AttributeProto, GraphProto, NodeProto, TensorProto, attribute_proto::AttributeType};
+
+/// A weight to quantize: `w` as [K, N] row-major f32 (Gemm's transB already undone).
+pub struct Weight {
+    pub k: usize,
+    pub n: usize,
+    pub values: Vec<f32>,
+}
+
+/// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
+pub fn weight_of(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -> Result<Weight, String> {
+    let name = node.input.get(1).ok_or("no weight input")?;
+    // Initializers, or `Constant` nodes (some exporters keep every weight there).
+    let t = index
+        .initializer(g, name)
+        .or_else(|| {
+            let producer = &g.node[*index.producer.get(name)?];
+            (producer.op_type() == "Constant")
+                .then(|| {
+                    producer
+                        .attribute
+                        .iter()
+                        .find(|a| a.name() == "value")
+                        .and_then(|a| a.t.as_ref())
+                })
+                .flatten()
+        })
+        .ok_or("the weight is not a constant")?;
+    if t.data_type() != DataType::Float as i32 {
+        return Err("the weight is not float32".into());
+    }
+    if t.dims.len() != 2 {
+        return Err("the weight is not 2-D".into());
+    }
+    let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+    let values: Vec<f32> = match &t.raw_data {
+        Some(raw) => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        None => t.float_data.clone(),
+    };
+    if values.len() != rows * cols {
+        return Err("the weight's data does not match its shape".into());
+    }
+    if node.op_type() == "Gemm" {
+        let attr = |n: &str| node.attribute.iter().find(|a| a.name() == n);
+        let int = |n: &str, d: i64| attr(n).map_or(d, |a| a.i());
+        let float = |n: &str, d: f32| attr(n).map_or(d, |a| a.f());
+        if int("transA", 0) != 0 || float("alpha", 1.0) != 1.0 || float("beta", 1.0) != 1.0 {
+            return Err("Gemm with transA, alpha or beta is not handled".into());
+        }
+        if int("transB", 0) != 0 {
+            // Stored as [N, K]: transpose to [K, N].
+            let mut t = vec![0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = values[r * cols + c];
+                }
+            }
+            return Ok(Weight {
+                k: cols,
+                n: rows,
+                values: t,
+            });
+        }
+    }
+    Ok(Weight {
+        k: rows,
+        n: cols,
+        values,
+    })
+}
+
+pub fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+pub fn int_attr(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(value),
+        ..Default::default()
+    }
+}
+
+pub fn node_of(
+    names: &mut NameGen,
+    op: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        name: Some(names.fresh(&format!("{}_{op}", "quant"))),
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// A value name usable as a prefix for generated names.
+pub fn sanitize(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    if s.is_empty() { "v".into() } else { s }
+}
