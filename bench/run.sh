@@ -22,6 +22,7 @@ out=BENCHMARKS.md.tmp
   echo
   ./target/release/examples/queue_bench
   ./target/release/examples/onnx_bench
+  .venv/bin/python bench/quantize_vs_python.py
 } > "$out"
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

@@ -68,6 +68,7 @@ fn every_error_code_the_api_emits_is_documented() {
         "dataset_mismatch",
         "cuda_unavailable",
         "dataset_missing",
+        "non_finite_output",
     ] {
         assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }

@@ -276,3 +276,135 @@ fn int4_is_deterministic() {
         std::fs::read(b.path().join("out/model.onnx")).unwrap()
     );
 }
+
+fn summary_of(path: &Path) -> modelpress::onnx::ModelSummary {
+    modelpress::onnx::ModelSummary::of(&modelpress::onnx::load(path).unwrap())
+}
+
+#[test]
+fn fp16_halves_the_weights_and_keeps_float32_at_the_edges() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&builder::tiny_mlp(10), json!([{"pass": "fp16"}]), dir.path()).unwrap();
+    let result = dir.path().join("out/model.onnx");
+    onnx_checker(&result);
+    let s = summary_of(&result);
+    assert_eq!(s.inputs[0].dtype, "float32");
+    assert_eq!(s.outputs[0].dtype, "float32");
+    assert_eq!(
+        s.parameters_by_dtype.get("float32"),
+        None,
+        "{:?}",
+        s.parameters_by_dtype
+    );
+    assert_eq!(s.parameters_by_dtype["float16"].elements, s.parameters);
+    assert_eq!(
+        s.op_counts.get("Cast"),
+        Some(&2),
+        "one Cast in, one out: {:?}",
+        s.op_counts
+    );
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.9999,
+        "{:?}",
+        report.result.fidelity
+    );
+    assert!(
+        report.warnings.iter().any(|w| w.contains("slower on CPU")),
+        "{:?}",
+        report.warnings
+    );
+
+    // Without keep_io_types the inputs and outputs are float16 too; the evaluation feeds the
+    // same samples converted to float16.
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(
+        &builder::tiny_mlp(10),
+        json!([{"pass": "fp16", "keep_io_types": false}]),
+        dir.path(),
+    )
+    .unwrap();
+    let s = summary_of(&dir.path().join("out/model.onnx"));
+    assert_eq!(
+        (s.inputs[0].dtype.as_str(), s.outputs[0].dtype.as_str()),
+        ("float16", "float16")
+    );
+    assert_eq!(s.op_counts.get("Cast"), None, "{:?}", s.op_counts);
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.999,
+        "{:?}",
+        report.result.fidelity
+    );
+}
+
+#[test]
+fn block_listed_operators_stay_in_float32_between_casts() {
+    // x → MatMul → BatchNormalization (block-listed) → y
+    let model = GraphBuilder::new("bn")
+        .input("x", DataType::Float, &[DimSpec::Fixed(2), DimSpec::Fixed(4)])
+        .output("y", DataType::Float, &[DimSpec::Fixed(2), DimSpec::Fixed(4)])
+        .initializer_f32("w", &[4, 4], (0..16).map(|i| i as f32 / 10.0).collect())
+        .initializer_f32("scale", &[4], vec![1.0; 4])
+        .initializer_f32("bias", &[4], vec![0.5; 4])
+        .initializer_f32("mean", &[4], vec![0.1; 4])
+        .initializer_f32("var", &[4], vec![1e-9; 4])
+        .node("MatMul", &["x", "w"], &["h"], vec![])
+        .node(
+            "BatchNormalization",
+            &["h", "scale", "bias", "mean", "var"],
+            &["y"],
+            vec![],
+        )
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, json!([{"pass": "fp16"}]), dir.path()).unwrap();
+    let s = summary_of(&dir.path().join("out/model.onnx"));
+    assert_eq!(
+        s.parameters_by_dtype["float32"].elements, 16,
+        "BN's 4x4 parameters stay float32"
+    );
+    assert_eq!(
+        s.parameters_by_dtype["float16"].elements, 16,
+        "the MatMul weight is float16"
+    );
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.999,
+        "{:?}",
+        report.result.fidelity
+    );
+}
+
+#[test]
+fn fp16_refuses_what_it_cannot_type_and_clamps_out_of_range_weights() {
+    // Loop's body outputs are beyond the type rules: refused with the reason, before ORT sees it.
+    let lp = GraphBuilder::new("loop")
+        .input("x", DataType::Float, &[DimSpec::Fixed(2)])
+        .output("y", DataType::Float, &[DimSpec::Fixed(2)])
+        .node("Identity", &["x"], &["h"], vec![])
+        .node("Shrink", &["h"], &["y"], vec![])
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let err = run(&lp, json!([{"pass": "fp16"}]), dir.path()).unwrap_err();
+    assert_eq!(err.code(), "pass_failed");
+    assert!(err.to_string().contains("Shrink"), "{err}");
+
+    let big = GraphBuilder::new("big")
+        .input("x", DataType::Float, &[DimSpec::Fixed(4)])
+        .output("y", DataType::Float, &[DimSpec::Fixed(4)])
+        .initializer_f32("c", &[4], vec![1e-3, 1e6, -1e6, 2.0])
+        .node("Mul", &["x", "c"], &["y"], vec![])
+        .build();
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&big, json!([{"pass": "fp16"}]), dir.path()).unwrap();
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("2 weight value(s) beyond float16's range")),
+        "{:?}",
+        report.warnings
+    );
+    assert!(
+        report.result.fidelity.max_abs_error > 1000.0,
+        "the clamped weights change the output, and the report shows it"
+    );
+}

@@ -1,6 +1,7 @@
 //! Compression passes: each pass is a named value behind one trait, and a recipe is a list of them,
 //! parsed from the JSON a user sends. Passes read one ONNX file and write another.
 
+pub mod fp16;
 pub mod optimize;
 pub mod quantize_dynamic;
 pub mod quantize_int4;
@@ -20,6 +21,7 @@ pub enum PassSpec {
     Optimize(optimize::OptimizeParams),
     QuantizeInt8Dynamic(quantize_dynamic::DynamicParams),
     QuantizeInt4WeightOnly(quantize_int4::Int4Params),
+    Fp16(fp16::Fp16Params),
 }
 
 /// A validated list of passes, applied in order.
@@ -32,7 +34,7 @@ pub struct Recipe(pub Vec<PassSpec>);
 pub struct RecipeError(pub String);
 
 /// Passes that are not registered yet answer with this list in their error message.
-pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic", "quantize_int4_weight_only"];
+pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic", "quantize_int4_weight_only", "fp16"];
 
 impl Recipe {
     /// Parses and validates a recipe; the error names the step and the problem
@@ -80,6 +82,7 @@ impl PassSpec {
             PassSpec::Optimize(_) => Ok(()),
             PassSpec::QuantizeInt8Dynamic(p) => p.validate(),
             PassSpec::QuantizeInt4WeightOnly(p) => p.validate(),
+            PassSpec::Fp16(_) => Ok(()),
         }
     }
 
@@ -88,6 +91,7 @@ impl PassSpec {
             PassSpec::Optimize(p) => Box::new(optimize::Optimize(p.clone())),
             PassSpec::QuantizeInt8Dynamic(p) => Box::new(quantize_dynamic::QuantizeDynamic(p.clone())),
             PassSpec::QuantizeInt4WeightOnly(p) => Box::new(quantize_int4::QuantizeInt4(p.clone())),
+            PassSpec::Fp16(p) => Box::new(fp16::Fp16(p.clone())),
         }
     }
 }

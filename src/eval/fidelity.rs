@@ -25,6 +25,9 @@ pub struct Fidelity {
     /// Share of samples whose highest-scoring element (argmax) of the first output is unchanged,
     /// for outputs with more than one element per sample; set by the evaluation.
     pub top1_agreement: Option<f64>,
+    /// NaN or infinite values the candidate produced where the reference's were finite.
+    #[serde(default)]
+    pub non_finite_values: u64,
     pub outputs: Vec<OutputFidelity>,
 }
 
@@ -59,6 +62,7 @@ struct Sums {
 pub struct Accumulator {
     outputs: Vec<(String, Sums)>,
     top1: (u64, u64),
+    non_finite: u64,
 }
 
 impl Accumulator {
@@ -94,6 +98,9 @@ impl Accumulator {
             };
             let sums = &mut self.outputs[slot].1;
             for (x, y) in a.iter().zip(b) {
+                if x.is_finite() && !y.is_finite() {
+                    self.non_finite += 1;
+                }
                 let d = (x - y).abs();
                 sums.nan |= d.is_nan();
                 sums.max_abs = sums.max_abs.max(d);
@@ -130,6 +137,7 @@ impl Accumulator {
                 .filter_map(|o| o.snr_db)
                 .fold(None, |acc: Option<f64>, v| Some(acc.map_or(v, |a| a.min(v)))),
             top1_agreement: (self.top1.1 > 0).then(|| self.top1.0 as f64 / self.top1.1 as f64),
+            non_finite_values: self.non_finite,
             outputs,
         }
     }
@@ -222,6 +230,7 @@ mod tests {
     fn a_nan_output_is_reported_not_hidden() {
         let f = compare(&[out("y", &[1.0, 2.0])], &[out("y", &[f64::NAN, 2.0])]).unwrap();
         assert!(f.max_abs_error.is_nan());
+        assert_eq!(f.non_finite_values, 1);
     }
 
     #[test]

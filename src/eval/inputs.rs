@@ -128,6 +128,23 @@ pub fn synthetic(
 }
 
 impl InputTensor {
+    /// The same values as `dtype` when that is another float type (a float16-input model fed the
+    /// float32 samples of its original); `None` when no conversion applies.
+    pub fn cast_to(&self, dtype: &str) -> Option<InputTensor> {
+        let data = match (&self.data, dtype) {
+            (TensorData::F32(v), "float16") => TensorData::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            (TensorData::F64(v), "float16") => TensorData::F16(v.iter().map(|&x| f16::from_f64(x)).collect()),
+            (TensorData::F16(v), "float32") => TensorData::F32(v.iter().map(|x| x.to_f32()).collect()),
+            (TensorData::F64(v), "float32") => TensorData::F32(v.iter().map(|&x| x as f32).collect()),
+            _ => return None,
+        };
+        Some(InputTensor {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            data,
+        })
+    }
+
     pub fn describe(&self) -> EvaluatedInput {
         let dtype = match &self.data {
             TensorData::F32(_) => "float32",

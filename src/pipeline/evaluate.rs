@@ -24,6 +24,8 @@ pub struct Setup<'a> {
     pub options: &'a EvaluationOptions,
     pub provider: Provider,
     pub inputs: &'a [TensorSignature],
+    /// The result's inputs, when a pass changed their types (float16 inputs).
+    pub result_inputs: &'a [TensorSignature],
     /// The dataset file and a folder to unpack it into.
     pub dataset: Option<(&'a Path, &'a Path)>,
     /// Whether a pass of the recipe calibrates (and so gets a calibration split).
@@ -88,6 +90,7 @@ pub fn evaluate(
         options,
         provider,
         inputs: signature,
+        result_inputs,
         dataset,
         calibrating,
     } = setup;
@@ -163,11 +166,26 @@ pub fn evaluate(
     let mut noise = Accumulator::default();
     let mut first_outputs: (Vec<Vec<f64>>, Vec<Vec<f64>>) = (Vec::new(), Vec::new());
     let keep_outputs = options.task != Task::Generic;
+    // Samples shaped for the result: the same values in the result's input types.
+    let for_result = |tensors: &[InputTensor]| -> Vec<InputTensor> {
+        tensors
+            .iter()
+            .map(|t| {
+                result_inputs
+                    .iter()
+                    .find(|s| s.name == t.name)
+                    .and_then(|s| t.cast_to(&s.dtype))
+                    .unwrap_or_else(|| t.clone())
+            })
+            .collect()
+    };
     let n = samples.len();
     for k in 0..n {
-        let prepared = PreparedInputs::new(&samples.get(k)?).map_err(eval_err)?;
+        let tensors = samples.get(k)?;
+        let prepared = PreparedInputs::new(&tensors).map_err(eval_err)?;
+        let prepared_result = PreparedInputs::new(&for_result(&tensors)).map_err(eval_err)?;
         let a = prepared.run_and_collect(&mut original_session).map_err(eval_err)?;
-        let b = prepared.run_and_collect(&mut result_session).map_err(eval_err)?;
+        let b = prepared_result.run_and_collect(&mut result_session).map_err(eval_err)?;
         fidelity.add(&a, &b).map_err(eval_err)?;
         if k == 0 {
             let again = prepared.run_and_collect(&mut original_session).map_err(eval_err)?;
@@ -191,8 +209,9 @@ pub fn evaluate(
     let latency_of = |session: &mut ort::session::Session, prepared: &PreparedInputs| {
         latency::measure(session, prepared, eval.warmup_runs, eval.timed_runs).map_err(eval_err)
     };
+    let prepared_result = PreparedInputs::new(&for_result(&first)).map_err(eval_err)?;
     let original_latency = latency_of(&mut original_session, &prepared)?;
-    let result_latency = latency_of(&mut result_session, &prepared)?;
+    let result_latency = latency_of(&mut result_session, &prepared_result)?;
     let batch = eval.latency_batch_size;
     let batchable = batch > 1
         && signature.iter().all(|s| {
@@ -204,17 +223,19 @@ pub fn evaluate(
         let batch_dims = DimPolicy { batch, ..dims.clone() };
         let tensors = inputs::synthetic(signature, eval.seed, &batch_dims).map_err(eval_err)?;
         let batched = PreparedInputs::new(&tensors).map_err(eval_err)?;
-        let measure = |session: &mut ort::session::Session| -> Result<BatchedLatency, PipelineError> {
-            let latency = latency_of(session, &batched)?;
-            Ok(BatchedLatency {
-                batch_size: batch,
-                throughput_per_s: batch as f64 * 1e3 / latency.mean_ms.max(1e-9),
-                latency,
-            })
-        };
+        let batched_result = PreparedInputs::new(&for_result(&tensors)).map_err(eval_err)?;
+        let measure =
+            |session: &mut ort::session::Session, batched: &PreparedInputs| -> Result<BatchedLatency, PipelineError> {
+                let latency = latency_of(session, batched)?;
+                Ok(BatchedLatency {
+                    batch_size: batch,
+                    throughput_per_s: batch as f64 * 1e3 / latency.mean_ms.max(1e-9),
+                    latency,
+                })
+            };
         (
-            Some(measure(&mut original_session)?),
-            Some(measure(&mut result_session)?),
+            Some(measure(&mut original_session, &batched)?),
+            Some(measure(&mut result_session, &batched_result)?),
         )
     } else {
         (None, None)

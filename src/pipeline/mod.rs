@@ -35,6 +35,8 @@ pub enum PipelineError {
     Io(String),
     #[error("{0}")]
     ProviderUnavailable(String),
+    #[error("{0}")]
+    NonFinite(String),
 }
 
 impl PipelineError {
@@ -46,6 +48,7 @@ impl PipelineError {
             PipelineError::Evaluation(_) => "evaluation_failed",
             PipelineError::Io(_) => "io_error",
             PipelineError::ProviderUnavailable(_) => "cuda_unavailable",
+            PipelineError::NonFinite(_) => "non_finite_output",
         }
     }
 
@@ -172,6 +175,7 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
             options,
             provider,
             inputs: &original_summary.inputs,
+            result_inputs: &result_summary.inputs,
             dataset: dataset.map(|d| (d, unpack_dir.as_path())),
             calibrating: recipe.0.iter().any(|p| p.build().calibrates()),
         },
@@ -180,6 +184,13 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         &mut *progress,
     )?;
     warnings.extend(evaluated.warnings);
+    let broken = evaluated.result.fidelity.non_finite_values;
+    if broken > 0 {
+        return Err(PipelineError::NonFinite(format!(
+            "the result produces NaN or infinite values ({broken} of its output values where the original's are \
+             finite); it is not returned"
+        )));
+    }
     let (before, after) = (evaluated.original.latency.p50_ms, evaluated.result.latency.p50_ms);
     // Past 5% and past timer noise (10 µs) on models that run in microseconds.
     if after > before * 1.05 && after - before > 0.01 {
@@ -268,15 +279,18 @@ fn zstd_size(files: &[PathBuf]) -> Result<u64, PipelineError> {
     Ok(encoder.finish().map_err(io("finishing zstd"))?.0)
 }
 
-/// Peak resident set size of this process, from getrusage (Linux reports KiB).
+/// Peak resident set size of this program, from `VmHWM` in /proc/self/status. (getrusage's
+/// ru_maxrss is inherited across fork: a job process would report its worker's peak.)
 fn peak_memory_bytes() -> u64 {
-    // SAFETY: getrusage writes into the zeroed struct we own.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
-        usage.ru_maxrss.max(0) as u64 * 1024
-    } else {
-        0
-    }
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 pub fn cpu_model() -> String {
