@@ -1,13 +1,18 @@
-"""Compares ModelPress's `quantize_int8_dynamic` pass with ONNX Runtime's own Python tool,
-`onnxruntime.quantization.quantize_dynamic`, on the same models with the same settings, and prints a
-Markdown section for BENCHMARKS.md on stdout (progress goes to stderr).
+"""Compares ModelPress's compression passes with the Python tools people use for the same job, on the
+same models with the same settings, and prints Markdown sections for BENCHMARKS.md on stdout
+(progress goes to stderr):
 
-    .venv/bin/python bench/quantize_vs_python.py                  the section (bench/run.sh calls this)
-    .venv/bin/python bench/quantize_vs_python.py child-quantize IN OUT    (internal) ORT's tool, one model
-    .venv/bin/python bench/quantize_vs_python.py child-baseline           (internal) the imports alone
+- `quantize_int8_dynamic` vs ONNX Runtime's `onnxruntime.quantization.quantize_dynamic`;
+- `quantize_int4_weight_only` vs ONNX Runtime's
+  `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`;
+- `fp16` vs onnxconverter-common's `float16.convert_float_to_float16`.
 
-For every model the two tools each quantize the fp32 original, then one harness here evaluates the
-fp32 original and both outputs with onnxruntime on the same seeded inputs: output size, fidelity of
+    .venv/bin/python bench/quantize_vs_python.py                    the sections (bench/run.sh calls this)
+    .venv/bin/python bench/quantize_vs_python.py child-quantize KIND IN OUT   (internal) the Python tool, one model
+    .venv/bin/python bench/quantize_vs_python.py child-baseline KIND          (internal) its imports alone
+
+KIND is int8, int4 or fp16. For every model and kind the two tools each convert the fp32 original,
+then one harness here evaluates the fp32 original and both outputs with onnxruntime on the same seeded inputs: output size, fidelity of
 the first output against fp32 (cosine similarity, top-1 agreement), task accuracy where there are
 labels, CPU latency p50 with one intra-op thread, and `onnx.checker.check_model`. A tool that fails on
 a model is shown as failing, with its error, never dropped.
@@ -31,9 +36,12 @@ BIN = ROOT / "target" / "release" / "modelpress"
 SEED = 0
 FIDELITY_SAMPLES = 8  # seeded random inputs per real model (batch 1 each)
 WARMUP, RUNS = 5, 50
-SLOWER = 1.05  # the same 5% margin the service uses for its "slower than the original" warning
+SLOWER = 1.05  # the same 5% margin the service uses for its "slower than the original" warning,
+SLOWER_MIN_MS = 0.01  # and the same 10 µs timer-noise floor for models that run in microseconds
+DIVERGED = 0.99  # a cosine below this against fp32: the output no longer computes what the original did
 OP_TYPES = ["MatMul", "Gemm"]  # ModelPress's pass quantizes MatMul/Gemm only
 INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"}
+INT4_BLOCK = 32  # int4 weight-only: block size along K, symmetric (no zero points), for both tools
 
 # name, path (relative to the models folder, or to the repo for digits), input shape (None: dataset)
 MODELS = [
@@ -57,7 +65,7 @@ def short(err: str, limit: int = 140) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-# ---------------------------------------------------------------- children (ORT's tool, alone)
+# ---------------------------------------------------------------- children (the Python tool, alone)
 
 
 def vm_hwm_kib() -> int:
@@ -68,24 +76,59 @@ def vm_hwm_kib() -> int:
     return 0
 
 
-def child_quantize(src: str, dst: str) -> None:
+def tool_imports(kind: str):
+    """The Python tool for KIND, imported: a function (src path, dst path) -> None, file in to file out."""
     import logging
+    import warnings
 
     logging.disable(logging.WARNING)  # "Please consider to run pre-processing..." on every call
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    warnings.simplefilter("ignore")  # onnxconverter-common warns once per constant it clamps
+    import onnx
 
+    if kind == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        def run(src, dst):
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=OP_TYPES)
+
+    elif kind == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        def run(src, dst):
+            # onnxruntime 1.31: bits 4 and QOperator format (MatMulNBits) are the defaults; the
+            # default algorithm is plain round-to-nearest per block, as ModelPress's pass does.
+            quant = MatMulNBitsQuantizer(src, block_size=INT4_BLOCK, is_symmetric=True)
+            quant.process()
+            quant.model.save_model_to_file(dst, use_external_data_format=False)
+
+    elif kind == "fp16":
+        from onnxconverter_common import float16
+
+        def run(src, dst):
+            onnx.save(float16.convert_float_to_float16(onnx.load(src), keep_io_types=True), dst)
+
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    return run
+
+
+def child_quantize(kind: str, src: str, dst: str) -> None:
+    try:
+        run = tool_imports(kind)
+    except Exception as e:  # a missing package is reported in the table, not hidden
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return
     try:
         t0 = time.perf_counter()
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=OP_TYPES)
+        run(src, dst)
         ms = (time.perf_counter() - t0) * 1e3
         print(json.dumps({"pass_ms": ms, "vm_hwm_kib": vm_hwm_kib()}))
     except Exception as e:  # reported in the table, not hidden
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
 
 
-def child_baseline() -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: F401
-
+def child_baseline(kind: str) -> None:
+    tool_imports(kind)
     print(json.dumps({"vm_hwm_kib": vm_hwm_kib()}))
 
 
@@ -110,16 +153,40 @@ def run_measured(cmd: list, env=None) -> tuple:
 # ---------------------------------------------------------------- the two tools
 
 
-def ours(model: Path, out_dir: Path, env: dict) -> dict:
-    recipe = json.dumps([{"pass": "quantize_int8_dynamic", "per_channel": False}])
-    cmd = [str(BIN), "compress", str(model), "--recipe", recipe, "--out", str(out_dir)]
+# Error codes with which `compress` declines a model, with its reason, rather than writing a broken
+# one: shown as "refused", not "failed" (pass_failed: the pass refused it; non_finite_output: the result
+# computed NaN/Inf and was withheld). Any other error is a failure.
+REFUSAL_CODES = {"pass_failed", "non_finite_output"}
+
+
+def ours(model: Path, recipe: list, out_dir: Path, env: dict) -> dict:
+    cmd = [str(BIN), "compress", str(model), "--recipe", json.dumps(recipe), "--out", str(out_dir)]
     rc, stdout, stderr, wall = run_measured(cmd, env)
     if rc != 0:
-        # The error is the last line that is not a tracing log line ("modelpress compress: ...").
-        text = re.sub(r"\x1b\[[0-9;]*m", "", stderr + "\n" + stdout)
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        errs = [ln for ln in lines if not re.match(r"^\d{4}-\d\d-\d\dT\S+\s+(TRACE|DEBUG|INFO|WARN)\b", ln)]
-        return {"error": short(errs[-1] if errs else (lines[-1] if lines else f"exit {rc}"))}
+        # The job's error: a JSON error event on stdout (`--events`, the worker protocol) or, as here
+        # without --events, "modelpress compress: CODE: MESSAGE" on stderr; otherwise the last line
+        # that is not a tracing log line.
+        for ln in reversed(stdout.splitlines()):
+            try:
+                ev = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == "error":
+                code, msg = ev.get("code", ""), ev.get("message", "")
+                break
+        else:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", stderr + "\n" + stdout)
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            m = next((re.match(r"^modelpress compress: ([a-z_]+): (.*)$", ln) for ln in reversed(lines)
+                      if ln.startswith("modelpress compress: ")), None)
+            if m:
+                code, msg = m.group(1), m.group(2)
+            else:
+                errs = [ln for ln in lines if not re.match(r"^\d{4}-\d\d-\d\dT\S+\s+(TRACE|DEBUG|INFO|WARN)\b", ln)]
+                return {"error": short(errs[-1] if errs else (lines[-1] if lines else f"exit {rc}"), 200)}
+        if code in REFUSAL_CODES:
+            return {"error": short(msg if code == "pass_failed" else f"{code}: {msg}", 200), "refused": True}
+        return {"error": short(f"{code}: {msg}", 200)}
     report = json.loads((out_dir / "report.json").read_text())
     return {
         "path": out_dir / "model.onnx",
@@ -129,8 +196,8 @@ def ours(model: Path, out_dir: Path, env: dict) -> dict:
     }
 
 
-def theirs(model: Path, out_path: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "child-quantize", str(model), str(out_path)]
+def theirs(kind: str, model: Path, out_path: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "child-quantize", kind, str(model), str(out_path)]
     rc, stdout, stderr, wall = run_measured(cmd)
     try:
         res = json.loads(stdout.strip().splitlines()[-1])
@@ -138,17 +205,110 @@ def theirs(model: Path, out_path: Path) -> dict:
         tail = [ln for ln in stderr.splitlines() if ln.strip()]
         return {"error": short(tail[-1] if tail else f"exit {rc}")}
     if "error" in res:
-        return {"error": short(res["error"])}
+        return {"error": short(res["error"], 200)}
     if rc != 0 or not out_path.exists():
         return {"error": short(stderr or f"exit {rc}, no output written")}
     return {"path": out_path, "pass_ms": res["pass_ms"], "peak_mib": res["vm_hwm_kib"] / 1024, "wall_s": wall}
 
 
+# ---------------------------------------------------------------- what each comparison counts
+
+
+def all_nodes(graph):
+    """Every node of a graph and of its subgraphs."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from all_nodes(g)
+
+
+def weight_tensors(graph):
+    """Initializers and Constant-node tensors (the PaddleOCR exports hold their weights in the latter)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                yield attr.t
+            if attr.HasField("g"):
+                yield from weight_tensors(attr.g)
+            for g in attr.graphs:
+                yield from weight_tensors(g)
+
+
+def count_int8(model):
+    return sum(n.op_type in INT8_OPS for n in all_nodes(model.graph))
+
+
+def count_int4(model):
+    return sum(n.op_type == "MatMulNBits" for n in all_nodes(model.graph))
+
+
+def count_fp16(model):
+    """(float16 tensors, float32 tensors) among the weights."""
+    from onnx import TensorProto
+
+    types = [t.data_type for t in weight_tensors(model.graph)]
+    return types.count(TensorProto.FLOAT16), types.count(TensorProto.FLOAT)
+
+
+# kind, heading, ModelPress recipe, the counted column (label, count, format, "did nothing" test, wording),
+# the Python tool's row label and its peak-RSS note.
+SECTIONS = [
+    {
+        "kind": "int8",
+        "heading": "Quantization: int8 dynamic vs ONNX Runtime's quantize_dynamic",
+        "recipe": [{"pass": "quantize_int8_dynamic", "per_channel": False}],
+        "col": "int8 MatMul nodes",
+        "count": count_int8,
+        "show": lambda c: f"{c:d}",
+        "nothing": lambda c: c == 0,
+        "nothing_words": "Quantized nothing",
+        "theirs": "ORT Python",
+        "rss_note": " (quantize process)",
+    },
+    {
+        "kind": "int4",
+        "heading": "Quantization: int4 weight-only vs ONNX Runtime's MatMulNBitsQuantizer",
+        "recipe": [{"pass": "quantize_int4_weight_only", "block_size": INT4_BLOCK, "symmetric": True}],
+        "col": "MatMulNBits nodes",
+        "count": count_int4,
+        "show": lambda c: f"{c:d}",
+        "nothing": lambda c: c == 0,
+        "nothing_words": "Quantized nothing",
+        "theirs": "ORT Python",
+        "rss_note": " (quantize process)",
+    },
+    {
+        "kind": "fp16",
+        "heading": "float16 vs onnxconverter-common's convert_float_to_float16",
+        "recipe": [{"pass": "fp16"}],
+        "col": "float16 / float32 weight tensors",
+        "count": count_fp16,
+        "show": lambda c: f"{c[0]:d} / {c[1]:d}",
+        "nothing": lambda c: c[0] == 0,
+        "nothing_words": "Converted nothing",
+        "theirs": "onnxconverter-common",
+        "rss_note": " (convert process)",
+    },
+]
+
+
 # ---------------------------------------------------------------- the harness
 
 
-def evaluate(rows: dict, feeds: list, labels, latency_feed: dict) -> None:
-    """Adds size, checker, int8 node count, outputs, accuracy and p50 to every row that has a model."""
+def adapt(sess, feed: dict) -> dict:
+    """The feed in the dtypes the session's inputs declare (a float16-input model gets float16)."""
+    import numpy as np
+
+    want = {i.name: i.type for i in sess.get_inputs()}
+    return {k: v.astype(np.float16) if want.get(k) == "tensor(float16)" else v for k, v in feed.items()}
+
+
+def evaluate(rows: dict, feeds: list, labels, latency_feed: dict, count) -> None:
+    """Adds size, checker, the section's node count, outputs, accuracy and p50 to every row that has a model."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -169,17 +329,18 @@ def evaluate(rows: dict, feeds: list, labels, latency_feed: dict) -> None:
         except Exception as e:
             row["checker"] = f"fail: {short(str(e), 80)}"
         try:
-            graph = onnx.load(str(path)).graph
-            row["int8_nodes"] = sum(n.op_type in INT8_OPS for n in graph.node)
+            row["count"] = count(onnx.load(str(path)))
         except Exception:
-            row["int8_nodes"] = None
+            row["count"] = None
         try:
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             first = sess.get_outputs()[0].name
-            row["outputs"] = [sess.run([first], f)[0] for f in feeds]
-            sessions[key] = (sess, first)
+            row["outputs"] = [sess.run([first], adapt(sess, f))[0] for f in feeds]
+            sessions[key] = (sess, first, adapt(sess, latency_feed))
         except Exception as e:
-            row["error"] = f"onnxruntime: {short(str(e))}"
+            # "... Load model from /tmp/.../x.onnx failed:Type Error: ...": the path says nothing
+            msg = re.sub(r"Load model from \S+ failed:\s*", "", str(e))
+            row["error"] = f"onnxruntime: {short(msg, 200)}"
 
     ref = rows["fp32"].get("outputs")
     for row in rows.values():
@@ -201,14 +362,14 @@ def evaluate(rows: dict, feeds: list, labels, latency_feed: dict) -> None:
 
     # Latency: warm every session, then interleave the timed runs (fp32, ours, theirs, fp32, ...) so
     # that drift in the machine's speed falls on all three alike.
-    for sess, first in sessions.values():
+    for sess, first, feed in sessions.values():
         for _ in range(WARMUP):
-            sess.run([first], latency_feed)
+            sess.run([first], feed)
     times = {k: [] for k in sessions}
     for _ in range(RUNS):
-        for key, (sess, first) in sessions.items():
+        for key, (sess, first, feed) in sessions.items():
             t0 = time.perf_counter()
-            sess.run([first], latency_feed)
+            sess.run([first], feed)
             times[key].append((time.perf_counter() - t0) * 1e3)
     for key, ts in times.items():
         rows[key]["p50"] = float(np.median(ts))
@@ -231,32 +392,33 @@ def inputs_for(model_path: Path, shape):
     return feeds, None, feeds[0], f"{FIDELITY_SAMPLES} seeded uniform [0,1) inputs {dims}"
 
 
-# ---------------------------------------------------------------- the section
+# ---------------------------------------------------------------- the sections
 
 
 def fmt(v, spec: str, none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
-def table(name: str, rel: str, desc: str, rows: dict, labels) -> list:
+def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list:
     lines = [f"### {name}", "", f"`{rel}`; inputs: {desc}.", ""]
-    head = ["", "size bytes", "int8 MatMul nodes", "pass ms", "peak RSS MiB", "p50 ms", "cosine", "top-1 agreement"]
+    head = ["", "size bytes", sec["col"], "pass ms", "peak RSS MiB", "p50 ms", "cosine", "top-1 agreement"]
     if labels is not None:
         head.append("accuracy")
     head.append("checker")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    labels_shown = {"fp32": "fp32 original", "ours": "ModelPress", "theirs": "ORT Python"}
-    rss_note = {"fp32": "", "ours": " (whole job)", "theirs": " (quantize process)"}
+    labels_shown = {"fp32": "fp32 original", "ours": "ModelPress", "theirs": sec["theirs"]}
+    rss_note = {"fp32": "", "ours": " (whole job)", "theirs": sec["rss_note"]}
     for key, row in rows.items():
         if "error" in row and "size" not in row:
-            cells = [labels_shown[key], f"failed: {row['error']}"] + [""] * (len(head) - 2)
+            word = "refused" if row.get("refused") else "failed"
+            cells = [labels_shown[key], f"{word}: {row['error']}"] + [""] * (len(head) - 2)
             lines.append("| " + " | ".join(cells) + " |")
             continue
         failed_eval = row.get("error")
         cells = [
             labels_shown[key],
             fmt(row.get("size"), ","),
-            fmt(row.get("int8_nodes"), "d"),
+            "–" if row.get("count") is None else sec["show"](row["count"]),
             fmt(row.get("pass_ms"), ".1f"),
             fmt(row.get("peak_mib"), ".1f") + (rss_note[key] if "peak_mib" in row else ""),
             f"failed: {failed_eval}" if failed_eval else fmt(row.get("p50"), ".3f"),
@@ -273,27 +435,128 @@ def table(name: str, rel: str, desc: str, rows: dict, labels) -> list:
         return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
     o, t, f = rows["ours"], rows["theirs"], rows["fp32"]
+    them = sec["theirs"]
     parts = [
-        f"ORT Python ÷ ModelPress: pass time {ratio(t.get('pass_ms'), o.get('pass_ms'))}, "
+        f"{them} ÷ ModelPress: pass time {ratio(t.get('pass_ms'), o.get('pass_ms'))}, "
         f"size {ratio(t.get('size'), o.get('size'))}",
-        f"p50 ÷ fp32 p50: ModelPress {ratio(o.get('p50'), f.get('p50'))}, ORT Python {ratio(t.get('p50'), f.get('p50'))}",
+        f"p50 ÷ fp32 p50: ModelPress {ratio(o.get('p50'), f.get('p50'))}, {them} {ratio(t.get('p50'), f.get('p50'))}",
     ]
-    slower = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("p50") and f.get("p50") and rows[k]["p50"] > f["p50"] * SLOWER]
+    if o.get("size") and t.get("size") and f.get("size"):
+        parts.append(f"size ÷ fp32 size: ModelPress {ratio(o['size'], f['size'])}, {them} {ratio(t['size'], f['size'])}")
+    slower = [
+        labels_shown[k]
+        for k in ("ours", "theirs")
+        if rows[k].get("p50") and f.get("p50") and rows[k]["p50"] > f["p50"] * SLOWER and rows[k]["p50"] - f["p50"] > SLOWER_MIN_MS
+    ]
     line = "Ratios: " + "; ".join(parts) + "."
     if slower:
         line += " **Slower than fp32:** " + ", ".join(slower) + "."
-    unchanged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("int8_nodes") == 0]
+    unchanged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("count") is not None and sec["nothing"](rows[k]["count"])]
     if unchanged:
-        line += " Quantized nothing: " + ", ".join(unchanged) + "."
+        line += f" {sec['nothing_words']}: " + ", ".join(unchanged) + "."
+    broken = [labels_shown[k] for k in ("ours", "theirs") if "size" in rows[k] and ("error" in rows[k] or rows[k].get("checker", "pass") != "pass")]
+    if broken:
+        line += " **Wrote a model that onnxruntime or the checker rejects:** " + ", ".join(broken) + "."
+    diverged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("cosine") is not None and not rows[k]["cosine"] >= DIVERGED]
+    if diverged:
+        line += f" **Output diverges from fp32 (cosine below {DIVERGED}):** " + ", ".join(diverged) + "."
+    refused = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("refused")]
+    if refused:
+        line += " Refused the model with a reason: " + ", ".join(refused) + "."
     walls = []
     if o.get("wall_s") is not None:
         walls.append(f"ModelPress `compress` {o['wall_s']:.2f} s (with its evaluation)")
     if t.get("wall_s") is not None:
-        walls.append(f"ORT Python {t['wall_s']:.2f} s (with interpreter start and imports)")
+        walls.append(f"{them} {t['wall_s']:.2f} s (with interpreter start and imports)")
     if walls:
         line += " Whole process wall time: " + ", ".join(walls) + "."
     lines += [line, ""]
     return lines
+
+
+def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
+    if kind == "int8":
+        return (
+            "For each model, ModelPress's `quantize_int8_dynamic` pass and ONNX Runtime's own Python tool "
+            "quantize the same fp32 file with the same settings: int8 weights (`QInt8`), per tensor "
+            "(`per_channel` false), dynamic activations, MatMul/Gemm only. ModelPress: "
+            "`modelpress compress MODEL --recipe '[{\"pass\":\"quantize_int8_dynamic\",\"per_channel\":false}]' "
+            "--out DIR` (release build). ORT: `onnxruntime.quantization.quantize_dynamic(MODEL, OUT, "
+            f"weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize={OP_TYPES})` "
+            f"(onnxruntime {ort_version}; `op_types_to_quantize` restricts it to ModelPress's op set; no "
+            "`quant_pre_process`), in a child process of its own. ORT's tool only quantizes a MatMul whose "
+            "weight is an initializer; weights held in `Constant` nodes (as in the PaddleOCR exports) are "
+            "left alone unless `quant_pre_process` first folds them into initializers. "
+            "**Pass ms** is the quantization step alone, file in to file out: for ModelPress the pass's own "
+            "timing from its report (`passes[0].duration_ms`), since `compress` has no flag to skip the "
+            "evaluation it runs afterwards; for ORT a timer around the `quantize_dynamic(...)` call inside "
+            "its child (imports and interpreter start excluded). Both are one cold run. "
+            "**Peak RSS** is not like for like: for ModelPress it is the whole job process "
+            "(`environment.peak_memory_bytes`: load, pass, *and* its ONNX Runtime evaluation of both models); "
+            "for ORT it is the child's own VmHWM (`/proc/self/status`) after the call, which includes the "
+            f"Python interpreter and the onnxruntime/onnx imports ({base_mib} for a child that only imports "
+            "them). Both tools are started through a small `sh`, since a process's `getrusage` peak survives "
+            "`execve` and would otherwise start at this harness's own. "
+            "Then one harness evaluates the fp32 original and both outputs with onnxruntime "
+            f"{ort_version} (CPUExecutionProvider, `intra_op_num_threads=1`, sequential) on the same "
+            f"inputs (NumPy seed {SEED}): cosine similarity of the first output against fp32 (all samples "
+            "flattened), top-1 agreement (argmax over the last axis of the first output, for every row of "
+            "the leading axes), accuracy where there are labels, and **p50** of "
+            f"{RUNS} runs after {WARMUP} warm-ups on the first input, the three models' runs interleaved. "
+            f"**Slower than fp32** flags a p50 more than {round((SLOWER - 1) * 100)}% and more than "
+            f"{SLOWER_MIN_MS * 1000:.0f} µs above the fp32 original's (the service's own margin and timer-noise "
+            f"floor); **output diverges from fp32** flags a cosine below {DIVERGED} (a model that loads and "
+            "runs but no longer computes what the original did). **Checker** is `onnx.checker.check_model` (onnx "
+            f"{onnx_version}). **int8 MatMul nodes** counts the integer matmul nodes in the output "
+            "(0: the tool left the model's arithmetic unchanged). A tool that fails on a model shows "
+            "`failed:` and its error."
+        )
+    if kind == "int4":
+        return (
+            "For each model, ModelPress's `quantize_int4_weight_only` pass and ONNX Runtime's own Python "
+            f"tool quantize the same fp32 file the same way: MatMul weights to 4 bits in blocks of {INT4_BLOCK} "
+            "along K, symmetric (no zero points), round to nearest, stored in `com.microsoft.MatMulNBits` "
+            "nodes; activations stay float32. ModelPress: `modelpress compress MODEL --recipe "
+            f"'[{{\"pass\":\"quantize_int4_weight_only\",\"block_size\":{INT4_BLOCK},\"symmetric\":true}}]' "
+            "--out DIR`. ORT: `quant = onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer("
+            f"MODEL, block_size={INT4_BLOCK}, is_symmetric=True)`, `quant.process()`, "
+            "`quant.model.save_model_to_file(OUT, use_external_data_format=False)` (onnxruntime "
+            f"{ort_version}'s defaults otherwise: 4 bits, QOperator format, the default round-to-nearest "
+            "algorithm, `accuracy_level` unset, MatMul only), timed together, file in to file out, in a "
+            f"child process of its own ({base_mib} for a child that only imports it; the quantizer needs the "
+            "onnx-ir package, which the onnxruntime wheel does not pull in). Like `quantize_dynamic`, it "
+            "quantizes only a MatMul whose weight is an initializer, so weights held in `Constant` nodes (the "
+            "PaddleOCR exports) are left alone. Pass ms, peak RSS (with the same caveats), the inputs, p50, "
+            "cosine, top-1 agreement, accuracy, the checker and both flags (**slower than fp32**, **output "
+            "diverges from fp32**) are measured exactly as in the int8 section above. **MatMulNBits nodes** counts the 4-bit matmuls in the "
+            "output (0: the tool quantized nothing). A tool that fails shows `failed:` and its error; a "
+            "written model that onnxruntime cannot load shows `failed: onnxruntime: ...` in the p50 column, "
+            "and a checker failure shows in the checker column. ModelPress declining a model with a reason "
+            "(its job exits 1 with the error) shows `refused:` and the reason."
+        )
+    return (
+        "For each model, ModelPress's `fp16` pass and onnxconverter-common's converter turn the same fp32 "
+        "file's weights and activations into float16, keeping float32 graph inputs and outputs (Casts at "
+        "the edges) and running their block-listed operators in float32 between Casts. ModelPress: "
+        "`modelpress compress MODEL --recipe '[{\"pass\":\"fp16\"}]' --out DIR` (`keep_io_types` defaults "
+        "to true; its default block list keeps reductions, normalizations, Softmax, Resize, Pow and a few "
+        "others in float32, and it refuses, with the reason, a model with control flow or an operator "
+        "whose types it cannot tell). onnxconverter-common: `onnx.save(onnxconverter_common.float16."
+        "convert_float_to_float16(onnx.load(MODEL), keep_io_types=True), OUT)` (its defaults otherwise: "
+        "its own block list of ai.onnx.ml operators and a few others, constants clamped to [1e-7, 1e4] in "
+        f"magnitude), timed together, file in to file out, in a child process of its own ({base_mib} for "
+        "a child that only imports it). float16 on a CPU is expected to be *slower* than fp32: ONNX "
+        "Runtime's CPU provider has float16 kernels for few operators, and computes most of them through "
+        "inserted Casts to and from float32, so the **slower than fp32** flag is expected here and shown, "
+        "not hidden; the gain is size (and speed on GPUs). Pass ms, peak RSS (with the same caveats), the "
+        "inputs, p50, cosine, top-1 agreement, accuracy, the checker and the **output diverges from fp32** "
+        "flag are measured exactly as in the int8 section above (a float16 input, were there one, gets the same samples converted). "
+        "**float16 / float32 weight tensors** counts the output's initializers and `Constant`-node "
+        "tensors by element type (the PaddleOCR exports keep their weights in `Constant` nodes). A tool "
+        "that fails shows `failed:` and its error; a written model that onnxruntime cannot load shows "
+        "`failed: onnxruntime: ...` in the p50 column; ModelPress declining a model with a reason (its "
+        "job exits 1 with the error) shows `refused:` and the reason."
+    )
 
 
 def models_dir() -> Path:
@@ -308,6 +571,7 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
+    t_start = time.perf_counter()
     env = dict(os.environ)
     if not env.get("ORT_DYLIB_PATH"):
         env["ORT_DYLIB_PATH"] = subprocess.run(
@@ -322,48 +586,15 @@ def main() -> None:
         build_error = "cargo build failed: " + short(errs[0] if errs else b.stderr)
     mdir = models_dir()
 
-    _, base_out, _, _ = run_measured([sys.executable, str(Path(__file__).resolve()), "child-baseline"])
-    try:
-        base_mib = f"{json.loads(base_out)['vm_hwm_kib'] / 1024:.1f} MiB"
-    except ValueError:
-        base_mib = "not measured"
-
-    out = [
-        "## Quantization: int8 dynamic vs ONNX Runtime's quantize_dynamic",
-        "",
-        "For each model, ModelPress's `quantize_int8_dynamic` pass and ONNX Runtime's own Python tool "
-        "quantize the same fp32 file with the same settings: int8 weights (`QInt8`), per tensor "
-        "(`per_channel` false), dynamic activations, MatMul/Gemm only. ModelPress: "
-        "`modelpress compress MODEL --recipe '[{\"pass\":\"quantize_int8_dynamic\",\"per_channel\":false}]' "
-        "--out DIR` (release build). ORT: `onnxruntime.quantization.quantize_dynamic(MODEL, OUT, "
-        f"weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize={OP_TYPES})` "
-        f"(onnxruntime {ort.__version__}; `op_types_to_quantize` restricts it to ModelPress's op set; no "
-        "`quant_pre_process`), in a child process of its own. ORT's tool only quantizes a MatMul whose "
-        "weight is an initializer; weights held in `Constant` nodes (as in the PaddleOCR exports) are "
-        "left alone unless `quant_pre_process` first folds them into initializers. "
-        "**Pass ms** is the quantization step alone, file in to file out: for ModelPress the pass's own "
-        "timing from its report (`passes[0].duration_ms`), since `compress` has no flag to skip the "
-        "evaluation it runs afterwards; for ORT a timer around the `quantize_dynamic(...)` call inside "
-        "its child (imports and interpreter start excluded). Both are one cold run. "
-        "**Peak RSS** is not like for like: for ModelPress it is the whole job process "
-        "(`environment.peak_memory_bytes`: load, pass, *and* its ONNX Runtime evaluation of both models); "
-        "for ORT it is the child's own VmHWM (`/proc/self/status`) after the call, which includes the "
-        f"Python interpreter and the onnxruntime/onnx imports ({base_mib} for a child that only imports "
-        "them). Both tools are started through a small `sh`, since a process's `getrusage` peak survives "
-        "`execve` and would otherwise start at this harness's own. "
-        "Then one harness evaluates the fp32 original and both outputs with onnxruntime "
-        f"{ort.__version__} (CPUExecutionProvider, `intra_op_num_threads=1`, sequential) on the same "
-        f"inputs (NumPy seed {SEED}): cosine similarity of the first output against fp32 (all samples "
-        "flattened), top-1 agreement (argmax over the last axis of the first output, for every row of "
-        "the leading axes), accuracy where there are labels, and **p50** of "
-        f"{RUNS} runs after {WARMUP} warm-ups on the first input, the three models' runs interleaved. "
-        f"**Slower than fp32** flags a p50 more than {round((SLOWER - 1) * 100)}% above the fp32 "
-        f"original's (the service's own margin). **Checker** is `onnx.checker.check_model` (onnx "
-        f"{onnx.__version__}). **int8 MatMul nodes** counts the integer matmul nodes in the output "
-        "(0: the tool left the model's arithmetic unchanged). A tool that fails on a model shows "
-        "`failed:` and its error.",
-        "",
-    ]
+    out = {}
+    for sec in SECTIONS:
+        kind = sec["kind"]
+        _, base_out, base_err, _ = run_measured([sys.executable, str(Path(__file__).resolve()), "child-baseline", kind])
+        try:
+            base_mib = f"{json.loads(base_out)['vm_hwm_kib'] / 1024:.1f} MiB"
+        except ValueError:
+            base_mib = "not measured: " + short(base_err.strip().splitlines()[-1] if base_err.strip() else "no output")
+        out[kind] = [f"## {sec['heading']}", "", intro(kind, base_mib, ort.__version__, onnx.__version__), ""]
 
     with tempfile.TemporaryDirectory(prefix="mp-quant-bench-") as tmp:
         tmp = Path(tmp)
@@ -371,24 +602,27 @@ def main() -> None:
             path = ROOT / rel if shape is None else mdir / rel
             shown = rel if shape is None else f"$MODELPRESS_MODELS_DIR/{rel}"
             if not path.exists():
-                out += [f"### {name}", "", f"`{shown}`: failed: model not found (scripts/fetch-models.sh)", ""]
+                for sec in SECTIONS:
+                    out[sec["kind"]] += [f"### {name}", "", f"`{shown}`: failed: model not found (scripts/fetch-models.sh)", ""]
                 continue
-            log(f"{name}: quantizing")
-            rows = {"fp32": {"path": path}}
-            rows["ours"] = {"error": build_error} if build_error else ours(path, tmp / f"ours-{i}", env)
-            rows["theirs"] = theirs(path, tmp / f"theirs-{i}.onnx")
-            log(f"{name}: evaluating")
             feeds, labels, latency_feed, desc = inputs_for(path, shape)
-            evaluate(rows, feeds, labels, latency_feed)
-            out += table(name, shown, desc, rows, labels)
+            for sec in SECTIONS:
+                kind = sec["kind"]
+                log(f"{name}: {kind}")
+                rows = {"fp32": {"path": path}}
+                rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env)
+                rows["theirs"] = theirs(kind, path, tmp / f"theirs-{kind}-{i}.onnx")
+                evaluate(rows, feeds, labels, latency_feed, sec["count"])
+                out[kind] += table(name, shown, desc, rows, labels, sec)
             del feeds
-    print("\n".join(out))
+    print("\n".join(line for sec in SECTIONS for line in out[sec["kind"]]))
+    log(f"done in {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child-quantize":
-        child_quantize(sys.argv[2], sys.argv[3])
+        child_quantize(sys.argv[2], sys.argv[3], sys.argv[4])
     elif len(sys.argv) > 1 and sys.argv[1] == "child-baseline":
-        child_baseline()
+        child_baseline(sys.argv[2] if len(sys.argv) > 2 else "int8")
     else:
         main()

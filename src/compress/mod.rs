@@ -37,6 +37,27 @@ pub struct RecipeError(pub String);
 pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic", "quantize_int4_weight_only", "fp16"];
 
 impl Recipe {
+    /// ORT's extended/all optimizations fuse MatMul/Gemm into `com.microsoft` kernels
+    /// (FusedGemm, FusedMatMul) that the quantization passes do not rewrite; quantizing first
+    /// and optimizing after keeps every MatMul visible.
+    pub fn ordering_warning(&self) -> Option<String> {
+        let fusing = self
+            .0
+            .iter()
+            .position(|p| matches!(p, PassSpec::Optimize(o) if o.level != optimize::Level::Basic))?;
+        let quantizing = self.0[fusing..].iter().any(|p| {
+            matches!(
+                p,
+                PassSpec::QuantizeInt8Dynamic(_) | PassSpec::QuantizeInt4WeightOnly(_)
+            )
+        });
+        quantizing.then(|| {
+            "optimize at level extended/all runs before a quantization pass: its fused kernels (FusedGemm, \
+             FusedMatMul) hide MatMuls from quantization; put quantization first, or optimize at level basic"
+                .to_string()
+        })
+    }
+
     /// Parses and validates a recipe; the error names the step and the problem
     /// (`recipe[1]: unknown pass "foo"`).
     pub fn parse(value: &Value) -> Result<Recipe, RecipeError> {

@@ -184,6 +184,15 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         &mut *progress,
     )?;
     warnings.extend(evaluated.warnings);
+    let result_size = size(&result_path)?;
+    if result_size > original_size {
+        warnings.push(format!(
+            "the result is larger than the original ({result_size} vs {original_size} bytes)"
+        ));
+    }
+    if let Some(w) = recipe.ordering_warning() {
+        warnings.push(w);
+    }
     let broken = evaluated.result.fidelity.non_finite_values;
     if broken > 0 {
         return Err(PipelineError::NonFinite(format!(
