@@ -333,3 +333,49 @@ async fn int4_weight_only_keeps_most_of_the_digits_accuracy(pool: PgPool) {
     assert!(report["result"]["size_bytes"].as_u64().unwrap() * 3 < report["original"]["size_bytes"].as_u64().unwrap());
     app.stop().await;
 }
+
+#[sqlx::test]
+async fn static_int8_calibrates_on_a_split_it_never_evaluates_on(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
+    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
+    let job = app
+        .submit(json!({
+            "model_id": model_id,
+            "recipe": [{"pass": "quantize_int8_static", "calibration": "percentile", "per_channel": true}],
+            "dataset_id": dataset["id"],
+            "task": "classification",
+            "calibration_fraction": 0.25,
+        }))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let report: Value = app
+        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["evaluation"]["calibration_samples"], 135);
+    assert_eq!(report["evaluation"]["evaluation_samples"], 405);
+    assert_eq!(
+        report["original"]["metrics"]["samples"], 405,
+        "metrics cover the evaluation split only"
+    );
+    assert!(
+        report["passes"][0]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("on 135 sample(s) of the calibration split")
+    );
+    let delta = report["comparison"]["delta"].as_f64().unwrap();
+    assert!(
+        delta.abs() <= 0.02,
+        "accuracy moved by {delta}: {}",
+        report["comparison"]
+    );
+    app.stop().await;
+}

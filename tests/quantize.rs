@@ -408,3 +408,105 @@ fn fp16_refuses_what_it_cannot_type_and_clamps_out_of_range_weights() {
         "the clamped weights change the output, and the report shows it"
     );
 }
+
+/// x[1, 3, 8, 8] → Conv(4 filters 3x3, bias) → Relu → y
+fn conv_model() -> ModelProto {
+    let w: Vec<f32> = (0..4 * 3 * 3 * 3)
+        .map(|i| ((i * 29 % 53) as f32 / 26.0) - 1.0)
+        .collect();
+    GraphBuilder::new("conv")
+        .input(
+            "x",
+            DataType::Float,
+            &[
+                DimSpec::Fixed(1),
+                DimSpec::Fixed(3),
+                DimSpec::Fixed(8),
+                DimSpec::Fixed(8),
+            ],
+        )
+        .output(
+            "y",
+            DataType::Float,
+            &[
+                DimSpec::Fixed(1),
+                DimSpec::Fixed(4),
+                DimSpec::Fixed(6),
+                DimSpec::Fixed(6),
+            ],
+        )
+        .initializer_f32("w", &[4, 3, 3, 3], w)
+        .initializer_f32("b", &[4], vec![0.1, -0.2, 0.3, 0.0])
+        .node("Conv", &["x", "w", "b"], &["c"], vec![])
+        .node("Relu", &["c"], &["y"], vec![])
+        .build()
+}
+
+#[test]
+fn static_int8_writes_qdq_around_convs_and_matmuls_calibrated_on_synthetic_data_when_there_is_none() {
+    for (model, per_channel) in [
+        (conv_model(), true),
+        (conv_model(), false),
+        (builder::tiny_mlp(11), true),
+    ] {
+        for method in ["minmax", "percentile", "entropy"] {
+            let dir = tempfile::tempdir().unwrap();
+            let recipe = json!([{"pass": "quantize_int8_static", "calibration": method, "per_channel": per_channel}]);
+            let report = run(&model, recipe, dir.path()).unwrap();
+            let result = dir.path().join("out/model.onnx");
+            onnx_checker(&result);
+            let s = summary_of(&result);
+            assert!(
+                s.op_counts.get("QuantizeLinear").is_some_and(|&n| n >= 2),
+                "{:?}",
+                s.op_counts
+            );
+            assert!(s.parameters_by_dtype["int8"].elements > 0);
+            assert!(
+                report.result.fidelity.cosine_similarity > 0.98,
+                "{method}: {:?}",
+                report.result.fidelity
+            );
+            assert!(
+                report
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("calibrated on synthetic inputs")),
+                "{:?}",
+                report.warnings
+            );
+        }
+    }
+}
+
+#[test]
+fn static_int8_per_channel_needs_opset_13() {
+    let mut model = conv_model();
+    model.opset_import[0].version = Some(11);
+    let dir = tempfile::tempdir().unwrap();
+    let err = run(
+        &model,
+        json!([{"pass": "quantize_int8_static", "per_channel": true}]),
+        dir.path(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("opset 13") && err.to_string().contains("opset 11"),
+        "{err}"
+    );
+    // Per tensor works at opset 11.
+    let dir = tempfile::tempdir().unwrap();
+    run(&model, json!([{"pass": "quantize_int8_static"}]), dir.path()).unwrap();
+}
+
+#[test]
+fn static_int8_is_deterministic() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let recipe = json!([{"pass": "quantize_int8_static", "calibration": "percentile", "per_channel": true}]);
+    run(&conv_model(), recipe.clone(), a.path()).unwrap();
+    run(&conv_model(), recipe, b.path()).unwrap();
+    assert_eq!(
+        std::fs::read(a.path().join("out/model.onnx")).unwrap(),
+        std::fs::read(b.path().join("out/model.onnx")).unwrap()
+    );
+}

@@ -5,6 +5,7 @@ pub mod fp16;
 pub mod optimize;
 pub mod quantize_dynamic;
 pub mod quantize_int4;
+pub mod quantize_static;
 pub mod weights;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ pub enum PassSpec {
     QuantizeInt8Dynamic(quantize_dynamic::DynamicParams),
     QuantizeInt4WeightOnly(quantize_int4::Int4Params),
     Fp16(fp16::Fp16Params),
+    QuantizeInt8Static(quantize_static::StaticParams),
 }
 
 /// A validated list of passes, applied in order.
@@ -34,7 +36,13 @@ pub struct Recipe(pub Vec<PassSpec>);
 pub struct RecipeError(pub String);
 
 /// Passes that are not registered yet answer with this list in their error message.
-pub const KNOWN_PASSES: &[&str] = &["optimize", "quantize_int8_dynamic", "quantize_int4_weight_only", "fp16"];
+pub const KNOWN_PASSES: &[&str] = &[
+    "optimize",
+    "quantize_int8_dynamic",
+    "quantize_int8_static",
+    "quantize_int4_weight_only",
+    "fp16",
+];
 
 impl Recipe {
     /// ORT's extended/all optimizations fuse MatMul/Gemm into `com.microsoft` kernels
@@ -48,7 +56,9 @@ impl Recipe {
         let quantizing = self.0[fusing..].iter().any(|p| {
             matches!(
                 p,
-                PassSpec::QuantizeInt8Dynamic(_) | PassSpec::QuantizeInt4WeightOnly(_)
+                PassSpec::QuantizeInt8Dynamic(_)
+                    | PassSpec::QuantizeInt4WeightOnly(_)
+                    | PassSpec::QuantizeInt8Static(_)
             )
         });
         quantizing.then(|| {
@@ -104,6 +114,7 @@ impl PassSpec {
             PassSpec::QuantizeInt8Dynamic(p) => p.validate(),
             PassSpec::QuantizeInt4WeightOnly(p) => p.validate(),
             PassSpec::Fp16(_) => Ok(()),
+            PassSpec::QuantizeInt8Static(p) => p.validate(),
         }
     }
 
@@ -113,6 +124,7 @@ impl PassSpec {
             PassSpec::QuantizeInt8Dynamic(p) => Box::new(quantize_dynamic::QuantizeDynamic(p.clone())),
             PassSpec::QuantizeInt4WeightOnly(p) => Box::new(quantize_int4::QuantizeInt4(p.clone())),
             PassSpec::Fp16(p) => Box::new(fp16::Fp16(p.clone())),
+            PassSpec::QuantizeInt8Static(p) => Box::new(quantize_static::QuantizeStatic(p.clone())),
         }
     }
 }
@@ -121,6 +133,10 @@ impl PassSpec {
 pub struct PassContext<'a> {
     pub runtime: &'a Runtime,
     pub work_dir: &'a Path,
+    /// Samples for passes that calibrate; `None` when the recipe has none.
+    pub calibration: Option<&'a crate::eval::calibration::CalibrationSet>,
+    /// Intra-op threads for sessions a pass runs (calibration).
+    pub threads: usize,
 }
 
 /// What a pass reports back for the report's `passes` section.

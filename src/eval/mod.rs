@@ -1,6 +1,7 @@
 //! Measuring models with ONNX Runtime: the runtime environment, synthetic inputs built from a model's
 //! signature, latency percentiles and output fidelity. Graph editing lives elsewhere.
 
+pub mod calibration;
 pub mod dataset;
 pub mod fidelity;
 pub mod inputs;

@@ -12,7 +12,8 @@ mod evaluate;
 
 use crate::compress::{PassContext, Recipe};
 use crate::config::EvalConfig;
-use crate::eval::dataset::EvaluationOptions;
+use crate::eval::calibration::CalibrationSet;
+use crate::eval::dataset::{EvaluationOptions, Task};
 use crate::eval::{Provider, Runtime};
 use crate::onnx::{self, ModelSummary, external};
 use crate::report::{self, Environment, Measurement, PassRecord, Report};
@@ -120,6 +121,18 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     } else {
         drop(original);
     }
+    let calibrating = recipe.0.iter().any(|p| p.build().calibrates());
+    let calibration = if calibrating {
+        Some(calibration_set(
+            &original_summary,
+            eval,
+            options,
+            dataset,
+            &work.path().join("calibration"),
+        )?)
+    } else {
+        None
+    };
     let mut passes = Vec::new();
     let mut warnings = Vec::new();
     let steps = recipe.0.len();
@@ -130,6 +143,8 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         let ctx = PassContext {
             runtime,
             work_dir: work.path(),
+            calibration: calibration.as_ref(),
+            threads: eval.threads,
         };
         let start = Instant::now();
         let out = pass.run(&current, &next, &ctx).map_err(|e| PipelineError::Pass {
@@ -177,7 +192,7 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
             inputs: &original_summary.inputs,
             result_inputs: &result_summary.inputs,
             dataset: dataset.map(|d| (d, unpack_dir.as_path())),
-            calibrating: recipe.0.iter().any(|p| p.build().calibrates()),
+            calibrating,
         },
         model,
         &result_path,
@@ -312,6 +327,50 @@ pub fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// The samples calibrating passes see: the dataset's calibration split (the same deterministic
+/// split the evaluation leaves out), or seeded synthetic inputs without a dataset.
+fn calibration_set(
+    summary: &ModelSummary,
+    eval: &EvalConfig,
+    options: &EvaluationOptions,
+    dataset: Option<&Path>,
+    dir: &Path,
+) -> Result<CalibrationSet, PipelineError> {
+    let Some(npz_path) = dataset else {
+        let mut overrides = eval.dim_overrides.clone();
+        overrides.extend(options.dim_overrides.iter().map(|(k, v)| (k.clone(), *v)));
+        return Ok(CalibrationSet::Synthetic {
+            inputs: summary.inputs.clone(),
+            batch: eval.batch_size,
+            default_dim: eval.dynamic_dim,
+            overrides,
+            seed: options.seed,
+            count: 32,
+        });
+    };
+    let bad = |e: String| PipelineError::Evaluation(format!("calibration data: {e}"));
+    std::fs::create_dir_all(dir).map_err(io("creating the calibration folder"))?;
+    let arrays = crate::eval::npz::unpack(npz_path, dir, u64::MAX).map_err(|e| bad(e.to_string()))?;
+    let total = crate::eval::npz::sample_count(&arrays).map_err(|e| bad(e.to_string()))?;
+    let feeds =
+        crate::eval::dataset::check(&summary.inputs, &arrays, Task::Generic, &options.label_key).map_err(bad)?;
+    let (indices, _) = crate::eval::dataset::split(total, options.calibration_fraction, options.seed);
+    if indices.is_empty() {
+        return Err(bad(format!(
+            "the calibration split is empty (calibration_fraction {} of {total} samples)",
+            options.calibration_fraction
+        )));
+    }
+    Ok(CalibrationSet::Dataset {
+        bound: Box::new(crate::eval::dataset::BoundDataset {
+            order: summary.inputs.iter().map(|s| s.name.clone()).collect(),
+            arrays: arrays.into_iter().map(|a| (a.name.clone(), a)).collect(),
+            feeds,
+        }),
+        indices,
+    })
 }
 
 fn size(p: &Path) -> Result<u64, PipelineError> {

@@ -1,0 +1,649 @@
+//! `quantize_int8_static`: QDQ quantization calibrated on data. Weights are stored int8 (per
+//! tensor or per output channel); the activations entering and leaving each quantized Conv/MatMul/
+//! Gemm get QuantizeLinear → DequantizeLinear pairs with ranges measured on the calibration split
+//! (never on evaluation samples). Calibration runs ONNX Runtime with those activations exposed as
+//! outputs, one sample at a time, so its memory does not grow with the number of samples; the
+//! percentile and entropy methods make a second pass into fixed-size histograms.
+//!
+//! ONNX Runtime fuses the QDQ pattern into its integer kernels (QLinearConv, QLinearMatMul) when it
+//! loads the model; other runtimes read the same standard operators.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::weights::{int_attr, node_of, sanitize, tensor};
+use super::{Pass, PassContext, PassError, PassOutput};
+use crate::eval::inputs::{InputTensor, TensorData};
+use crate::eval::session::PreparedInputs;
+use crate::onnx::graph::{self, GraphIndex, NameGen};
+use crate::onnx::proto::tensor_proto::DataType;
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::{self, external};
+
+const BINS: usize = 2048;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    #[default]
+    Minmax,
+    Percentile,
+    Entropy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticParams {
+    #[serde(default)]
+    pub calibration: Method,
+    /// For `percentile`: the share of |activation| values the range keeps, in percent.
+    #[serde(default = "default_percentile")]
+    pub percentile: f64,
+    /// One weight scale per output channel (needs opset 13).
+    #[serde(default)]
+    pub per_channel: bool,
+    /// int8 activations around zero instead of uint8 with a zero point.
+    #[serde(default)]
+    pub symmetric_activations: bool,
+    #[serde(default = "default_ops")]
+    pub op_types: Vec<String>,
+    #[serde(default)]
+    pub exclude_nodes: Vec<String>,
+    #[serde(default)]
+    pub exclude_op_types: Vec<String>,
+    /// Most calibration samples used.
+    #[serde(default = "default_samples")]
+    pub max_samples: usize,
+}
+
+fn default_percentile() -> f64 {
+    99.999
+}
+
+fn default_ops() -> Vec<String> {
+    ["Conv", "MatMul", "Gemm"].iter().map(|s| s.to_string()).collect()
+}
+
+fn default_samples() -> usize {
+    256
+}
+
+impl StaticParams {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(50.0..=100.0).contains(&self.percentile) {
+            return Err(format!("percentile {} is not within 50..=100", self.percentile));
+        }
+        if self.max_samples == 0 {
+            return Err("max_samples must be at least 1".into());
+        }
+        for op in &self.op_types {
+            if !["Conv", "MatMul", "Gemm"].contains(&op.as_str()) {
+                return Err(format!("op_types: {op:?} is not one of Conv, MatMul, Gemm"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct QuantizeStatic(pub StaticParams);
+
+/// A node to quantize and where its weight lives.
+struct Target {
+    node: usize,
+    /// Axis of the output channel in the weight as stored (Conv 0, MatMul 1, Gemm transB ? 0 : 1).
+    channel_axis: usize,
+}
+
+/// Running statistics of one activation.
+#[derive(Clone)]
+struct Stats {
+    min: f32,
+    max: f32,
+    hist: Vec<u64>,
+}
+
+impl Pass for QuantizeStatic {
+    fn name(&self) -> &'static str {
+        "quantize_int8_static"
+    }
+
+    fn calibrates(&self) -> bool {
+        true
+    }
+
+    fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError> {
+        let err = |m: String| PassError(m);
+        let p = &self.0;
+        let calibration = ctx
+            .calibration
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| err("no calibration samples (the dataset's calibration split is empty)".into()))?;
+        let mut model = onnx::load(input).map_err(|e| err(e.to_string()))?;
+        let opset = graph::opset_version(&model, "").unwrap_or(0);
+        let needed = if p.per_channel { 13 } else { 10 };
+        if opset < needed {
+            return Err(err(format!(
+                "needs opset {needed} or later (QuantizeLinear/DequantizeLinear{}); the model imports opset {opset}",
+                if p.per_channel { " with a per-channel axis" } else { "" }
+            )));
+        }
+        let graph = model
+            .graph
+            .as_mut()
+            .ok_or_else(|| err("the model has no graph".into()))?;
+        graph::sort_topologically(graph).map_err(|e| err(e.to_string()))?;
+
+        // 1. What to quantize.
+        let index = GraphIndex::new(graph);
+        let mut skipped: HashMap<String, usize> = HashMap::new();
+        let mut targets = Vec::new();
+        for (i, node) in graph.node.iter().enumerate() {
+            if !matches!(node.domain(), "" | "ai.onnx")
+                || !p.op_types.iter().any(|o| o == node.op_type())
+                || p.exclude_op_types.iter().any(|o| o == node.op_type())
+            {
+                continue;
+            }
+            if p.exclude_nodes.iter().any(|n| n == node.name()) {
+                *skipped.entry("excluded".into()).or_default() += 1;
+                continue;
+            }
+            match target(node, i, &index, graph) {
+                Ok(t) => targets.push(t),
+                Err(why) => *skipped.entry(why).or_default() += 1,
+            }
+        }
+        let mut activations: Vec<String> = Vec::new();
+        for t in &targets {
+            let node = &graph.node[t.node];
+            for name in [&node.input[0], &node.output[0]] {
+                if !activations.contains(name) {
+                    activations.push(name.clone());
+                }
+            }
+        }
+        let mut out = PassOutput::default();
+        if targets.is_empty() {
+            out.warnings.push(
+                "quantize_int8_static found no Conv/MatMul/Gemm with a constant float weight; the model is unchanged"
+                    .into(),
+            );
+            external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
+            return Ok(out);
+        }
+
+        // 2. Calibrate: min/max first, then (percentile, entropy) histograms of |x|.
+        let samples = calibration.len().min(p.max_samples);
+        let graph_inputs: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
+        let augmented = model_bytes_with_outputs(&model, &activations);
+        let mut stats = calibrate(ctx, &graph_inputs, &augmented, &activations, samples, None).map_err(err)?;
+        if p.calibration != Method::Minmax {
+            stats = calibrate(ctx, &graph_inputs, &augmented, &activations, samples, Some(&stats)).map_err(err)?;
+        }
+        let graph = model.graph.as_mut().expect("checked above");
+        let mut names = NameGen::new(graph);
+
+        // 3. Activation ranges → QDQ pairs.
+        let mut act_scale: HashMap<String, f32> = HashMap::new();
+        let mut new_inits: Vec<TensorProto> = Vec::new();
+        let mut new_nodes: Vec<NodeProto> = Vec::new();
+        for name in &activations {
+            let s = &stats[name];
+            let (lo, hi) = range(s, p.calibration, p.percentile);
+            let (scale, zp, zp_type) = if p.symmetric_activations {
+                let m = lo.abs().max(hi.abs());
+                (if m > 0.0 { m / 127.0 } else { 1.0 }, 0u8, DataType::Int8)
+            } else {
+                let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+                let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+                (scale, (-lo / scale).round().clamp(0.0, 255.0) as u8, DataType::Uint8)
+            };
+            act_scale.insert(name.clone(), scale);
+            let base = sanitize(name);
+            let (s_name, z_name) = (
+                names.fresh(&format!("{base}_scale")),
+                names.fresh(&format!("{base}_zero_point")),
+            );
+            new_inits.push(tensor(&s_name, &[], DataType::Float, scale.to_le_bytes().to_vec()));
+            new_inits.push(tensor(&z_name, &[], zp_type, vec![zp]));
+            let (q, dq) = (
+                names.fresh(&format!("{base}_quantized")),
+                names.fresh(&format!("{base}_dequantized")),
+            );
+            // Target nodes read the dequantized name from here on.
+            act_scale.insert(dq.clone(), scale);
+            for node in graph.node.iter_mut() {
+                for i in node.input.iter_mut().filter(|i| *i == name) {
+                    *i = dq.clone();
+                }
+            }
+            new_nodes.push(node_of(
+                &mut names,
+                "QuantizeLinear",
+                &[name, &s_name, &z_name],
+                &[&q],
+                vec![],
+            ));
+            new_nodes.push(node_of(
+                &mut names,
+                "DequantizeLinear",
+                &[&q, &s_name, &z_name],
+                &[&dq],
+                vec![],
+            ));
+        }
+
+        // 4. Weights (int8, symmetric) and biases (int32 at input scale × weight scale).
+        let mut weights = 0u64;
+        for t in &targets {
+            let node = graph.node[t.node].clone();
+            let w = constant(&index, graph, &node.input[1]).expect("checked by target()");
+            let values = floats(&w);
+            let channels = w.dims[t.channel_axis] as usize;
+            let (q, scales) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel);
+            weights += values.len() as u64;
+            let base = sanitize(&node.input[1]);
+            let (wq, ws, wz, wdq) = (
+                names.fresh(&format!("{base}_quantized")),
+                names.fresh(&format!("{base}_scale")),
+                names.fresh(&format!("{base}_zero_point")),
+                names.fresh(&format!("{base}_dequantized")),
+            );
+            let sdims: Vec<i64> = if p.per_channel { vec![channels as i64] } else { vec![] };
+            new_inits.push(tensor(
+                &wq,
+                &w.dims,
+                DataType::Int8,
+                q.iter().map(|&v| v as u8).collect(),
+            ));
+            new_inits.push(tensor(
+                &ws,
+                &sdims,
+                DataType::Float,
+                scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+            ));
+            new_inits.push(tensor(&wz, &sdims, DataType::Int8, vec![0u8; scales.len()]));
+            let axis = if p.per_channel {
+                vec![int_attr("axis", t.channel_axis as i64)]
+            } else {
+                vec![]
+            };
+            new_nodes.push(node_of(&mut names, "DequantizeLinear", &[&wq, &ws, &wz], &[&wdq], axis));
+            graph.node[t.node].input[1] = wdq;
+
+            // A 1-D constant bias: int32 with scale = activation scale × weight scale.
+            let input_scale = act_scale[&node.input[0]];
+            if let Some(b) = node.input.get(2).filter(|b| !b.is_empty())
+                && let Some(bt) =
+                    constant(&index, graph, b).filter(|bt| bt.dims.len() == 1 && bt.dims[0] as usize == channels)
+            {
+                let bias = floats(&bt);
+                let bscale: Vec<f32> = (0..channels)
+                    .map(|c| input_scale * if p.per_channel { scales[c] } else { scales[0] })
+                    .collect();
+                let bq: Vec<i32> = bias
+                    .iter()
+                    .zip(&bscale)
+                    .map(|(v, s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+                    .collect();
+                let bbase = sanitize(b);
+                let (bqn, bsn, bzn, bdq) = (
+                    names.fresh(&format!("{bbase}_quantized")),
+                    names.fresh(&format!("{bbase}_scale")),
+                    names.fresh(&format!("{bbase}_zero_point")),
+                    names.fresh(&format!("{bbase}_dequantized")),
+                );
+                let (svals, sdims): (Vec<f32>, Vec<i64>) = if p.per_channel {
+                    (bscale.clone(), vec![channels as i64])
+                } else {
+                    (vec![bscale[0]], vec![])
+                };
+                new_inits.push(tensor(
+                    &bqn,
+                    &[channels as i64],
+                    DataType::Int32,
+                    bq.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ));
+                new_inits.push(tensor(
+                    &bsn,
+                    &sdims,
+                    DataType::Float,
+                    svals.iter().flat_map(|s| s.to_le_bytes()).collect(),
+                ));
+                new_inits.push(tensor(&bzn, &sdims, DataType::Int32, vec![0u8; 4 * svals.len()]));
+                let axis = if p.per_channel {
+                    vec![int_attr("axis", 0)]
+                } else {
+                    vec![]
+                };
+                new_nodes.push(node_of(
+                    &mut names,
+                    "DequantizeLinear",
+                    &[&bqn, &bsn, &bzn],
+                    &[&bdq],
+                    axis,
+                ));
+                graph.node[t.node].input[2] = bdq;
+            }
+        }
+        graph.initializer.extend(new_inits);
+        graph.node.extend(new_nodes);
+        graph::sort_topologically(graph).map_err(|e| err(format!("the quantized graph is invalid: {e}")))?;
+        let (dead_nodes, dead_weights) = graph::eliminate_dead(graph);
+
+        let mut skipped: Vec<String> = skipped
+            .into_iter()
+            .map(|(why, n)| format!("{n} skipped: {why}"))
+            .collect();
+        skipped.sort();
+        out.notes.push(format!(
+            "{} node(s) quantized (QDQ), {weights} weights to int8 ({}), {} activation(s) calibrated with {:?} on {samples} \
+             sample(s){}; {dead_weights} float initializer(s) and {dead_nodes} node(s) no longer read were removed",
+            targets.len(),
+            if p.per_channel { "per channel" } else { "per tensor" },
+            activations.len(),
+            p.calibration,
+            if calibration.is_synthetic() { " of synthetic data" } else { " of the calibration split" },
+        ).to_lowercase());
+        out.notes.extend(skipped);
+        if calibration.is_synthetic() {
+            out.warnings.push(
+                "quantize_int8_static calibrated on synthetic inputs (no dataset): activation ranges may not match real \
+                 data; upload a dataset for a trustworthy calibration"
+                    .into(),
+            );
+        }
+        external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+/// A node is a target when its weight is a constant float tensor of the expected rank.
+fn target(node: &NodeProto, i: usize, index: &GraphIndex, g: &GraphProto) -> Result<Target, String> {
+    let w = node
+        .input
+        .get(1)
+        .and_then(|w| constant(index, g, w))
+        .ok_or("the weight is not a constant")?;
+    if w.data_type() != DataType::Float as i32 {
+        return Err("the weight is not float32".into());
+    }
+    let attr_i = |n: &str, d: i64| node.attribute.iter().find(|a| a.name() == n).map_or(d, |a| a.i());
+    let attr_f = |n: &str, d: f32| node.attribute.iter().find(|a| a.name() == n).map_or(d, |a| a.f());
+    let channel_axis = match node.op_type() {
+        "Conv" if w.dims.len() >= 3 => 0,
+        "MatMul" if w.dims.len() == 2 => 1,
+        "Gemm" if w.dims.len() == 2 => {
+            if attr_i("transA", 0) != 0 || attr_f("alpha", 1.0) != 1.0 || attr_f("beta", 1.0) != 1.0 {
+                return Err("Gemm with transA, alpha or beta is not handled".into());
+            }
+            if attr_i("transB", 0) != 0 { 0 } else { 1 }
+        }
+        _ => return Err("the weight has an unexpected rank".into()),
+    };
+    Ok(Target { node: i, channel_axis })
+}
+
+/// An initializer, or the tensor of the `Constant` node producing `name`.
+fn constant(index: &GraphIndex, g: &GraphProto, name: &str) -> Option<TensorProto> {
+    index.initializer(g, name).cloned().or_else(|| {
+        let producer = &g.node[*index.producer.get(name)?];
+        (producer.op_type() == "Constant")
+            .then(|| {
+                producer
+                    .attribute
+                    .iter()
+                    .find(|a| a.name() == "value")
+                    .and_then(|a| a.t.clone())
+            })
+            .flatten()
+    })
+}
+
+fn floats(t: &TensorProto) -> Vec<f32> {
+    match &t.raw_data {
+        Some(raw) => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        None => t.float_data.clone(),
+    }
+}
+
+/// Symmetric int8 weights; per channel along `axis` of `dims` or one scale for the tensor.
+fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let channels = dims[axis];
+    let channel_of = |i: usize| (i / inner) % channels;
+    let scale_of = |m: f32| if m > 0.0 { m / 127.0 } else { 1.0 };
+    let scales: Vec<f32> = if per_channel {
+        let mut maxes = vec![0f32; channels];
+        for (i, v) in values.iter().enumerate() {
+            let c = channel_of(i);
+            maxes[c] = maxes[c].max(v.abs());
+        }
+        maxes.into_iter().map(scale_of).collect()
+    } else {
+        vec![scale_of(values.iter().fold(0f32, |m, v| m.max(v.abs())))]
+    };
+    let q = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = if per_channel { scales[channel_of(i)] } else { scales[0] };
+            (v / s).round().clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+/// The model with `names` exposed as extra outputs (graph inputs are read from the samples).
+fn model_bytes_with_outputs(model: &crate::onnx::ModelProto, names: &[String]) -> Vec<u8> {
+    let mut m = model.clone();
+    let g = m.graph.as_mut().expect("has a graph");
+    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
+    let existing: HashSet<String> = g.output.iter().map(|v| v.name().to_string()).collect();
+    for n in names.iter().filter(|n| !inputs.contains(*n) && !existing.contains(*n)) {
+        g.output.push(ValueInfoProto {
+            name: Some(n.clone()),
+            ..Default::default()
+        });
+    }
+    onnx::encode(&m)
+}
+
+fn calibrate(
+    ctx: &PassContext<'_>,
+    graph_inputs: &HashSet<String>,
+    augmented: &[u8],
+    names: &[String],
+    samples: usize,
+    first: Option<&HashMap<String, Stats>>,
+) -> Result<HashMap<String, Stats>, String> {
+    let path = ctx.work_dir.join("calibration.onnx");
+    std::fs::write(&path, augmented).map_err(|e| format!("writing the calibration model: {e}"))?;
+    let mut session = ctx
+        .runtime
+        .session(&path, ctx.threads)
+        .map_err(|e| format!("loading the calibration model: {e}"))?;
+    let calibration = ctx.calibration.expect("checked by the caller");
+    let mut stats: HashMap<String, Stats> = match first {
+        None => names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    Stats {
+                        min: f32::INFINITY,
+                        max: f32::NEG_INFINITY,
+                        hist: Vec::new(),
+                    },
+                )
+            })
+            .collect(),
+        Some(s) => s
+            .iter()
+            .map(|(n, st)| {
+                (
+                    n.clone(),
+                    Stats {
+                        hist: vec![0; BINS],
+                        ..st.clone()
+                    },
+                )
+            })
+            .collect(),
+    };
+    for k in 0..samples {
+        let tensors = calibration.sample(k)?;
+        let prepared = PreparedInputs::new(&tensors).map_err(|e| e.to_string())?;
+        let outputs = prepared.run_and_collect(&mut session).map_err(|e| e.to_string())?;
+        let mut observe = |name: &str, values: &mut dyn Iterator<Item = f32>| {
+            if let Some(s) = stats.get_mut(name) {
+                if first.is_none() {
+                    for v in values.filter(|v| v.is_finite()) {
+                        s.min = s.min.min(v);
+                        s.max = s.max.max(v);
+                    }
+                } else {
+                    let top = s.min.abs().max(s.max.abs()).max(f32::MIN_POSITIVE);
+                    for v in values.filter(|v| v.is_finite()) {
+                        let bin = ((v.abs() / top) * BINS as f32) as usize;
+                        s.hist[bin.min(BINS - 1)] += 1;
+                    }
+                }
+            }
+        };
+        for t in tensors.iter().filter(|t| graph_inputs.contains(&t.name)) {
+            if let TensorData::F32(v) = &t.data {
+                observe(&t.name, &mut v.iter().copied());
+            }
+        }
+        for o in outputs {
+            if let Some(v) = o.values {
+                observe(&o.name, &mut v.iter().map(|x| *x as f32));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    for (n, s) in &stats {
+        if !s.min.is_finite() || !s.max.is_finite() {
+            return Err(format!("calibration saw no finite values of {n:?}"));
+        }
+    }
+    Ok(stats)
+}
+
+/// The range to quantize: min/max, or clipped at the |x| threshold the method picks.
+fn range(s: &Stats, method: Method, percentile: f64) -> (f32, f32) {
+    let top = s.min.abs().max(s.max.abs());
+    let threshold = match method {
+        Method::Minmax => return (s.min, s.max),
+        Method::Percentile => percentile_threshold(&s.hist, percentile) * top,
+        Method::Entropy => entropy_threshold(&s.hist) * top,
+    };
+    (s.min.max(-threshold), s.max.min(threshold))
+}
+
+/// Fraction of the histogram's range below which `percentile`% of the values lie.
+fn percentile_threshold(hist: &[u64], percentile: f64) -> f32 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 1.0;
+    }
+    let want = (total as f64 * percentile / 100.0).ceil() as u64;
+    let mut seen = 0;
+    for (i, &c) in hist.iter().enumerate() {
+        seen += c;
+        if seen >= want {
+            return (i + 1) as f32 / hist.len() as f32;
+        }
+    }
+    1.0
+}
+
+/// The clipping threshold (as a fraction of the range) minimising the KL divergence between the
+/// clipped distribution and its 128-level quantization (the TensorRT method).
+fn entropy_threshold(hist: &[u64]) -> f32 {
+    const LEVELS: usize = 128;
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 1.0;
+    }
+    let mut best = (f64::INFINITY, hist.len());
+    for end in (LEVELS..=hist.len()).step_by(16) {
+        let mut p: Vec<f64> = hist[..end].iter().map(|&c| c as f64).collect();
+        p[end - 1] += hist[end..].iter().sum::<u64>() as f64;
+        // Quantize p into LEVELS groups, spreading each group's mass over its non-empty bins.
+        let mut q = vec![0f64; end];
+        let per = end as f64 / LEVELS as f64;
+        for l in 0..LEVELS {
+            let (a, b) = ((l as f64 * per) as usize, (((l + 1) as f64 * per) as usize).min(end));
+            let mass: f64 = hist[a..b].iter().map(|&c| c as f64).sum();
+            let nonzero = hist[a..b].iter().filter(|&&c| c > 0).count();
+            for i in a..b {
+                if hist[i] > 0 {
+                    q[i] = mass / nonzero as f64;
+                }
+            }
+        }
+        let (ps, qs): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(pi, _)| **pi > 0.0)
+            .map(|(pi, qi)| {
+                let (pi, qi) = (pi / ps, (qi / qs).max(1e-12));
+                pi * (pi / qi).ln()
+            })
+            .sum();
+        if kl < best.0 {
+            best = (kl, end);
+        }
+    }
+    best.1 as f32 / hist.len() as f32
+}
+
+/// Inputs in the calibration set are float32 (checked per value in `calibrate`).
+#[allow(dead_code)]
+fn is_float(t: &InputTensor) -> bool {
+    matches!(t.data, TensorData::F32(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_channel_weights_use_one_scale_per_output_channel() {
+        // A Conv weight [2, 1, 1, 2]: channel 0 = [1, -2], channel 1 = [0.5, 0.25].
+        let (q, s) = quantize_weight(&[1.0, -2.0, 0.5, 0.25], &[2, 1, 1, 2], 0, true);
+        assert_eq!(s, vec![2.0 / 127.0, 0.5 / 127.0]);
+        assert_eq!(q, vec![64, -127, 127, 64]);
+        // A MatMul weight [2, 2] quantized along axis 1 (columns).
+        let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true);
+        assert_eq!(s, vec![3.0 / 127.0, 0.5 / 127.0]);
+    }
+
+    #[test]
+    fn percentile_and_entropy_clip_long_tails() {
+        // 999 values in the first bin, one outlier at the top.
+        let mut hist = vec![0u64; BINS];
+        hist[0] = 999;
+        hist[BINS - 1] = 1;
+        assert!(percentile_threshold(&hist, 99.0) < 0.01);
+        assert_eq!(percentile_threshold(&hist, 100.0), 1.0);
+        assert!(entropy_threshold(&hist) < 1.0);
+        let s = Stats {
+            min: -10.0,
+            max: 100.0,
+            hist,
+        };
+        let (lo, hi) = range(&s, Method::Percentile, 99.0);
+        assert!(lo > -10.0 || hi < 100.0, "{lo} {hi}");
+        assert_eq!(range(&s, Method::Minmax, 99.0), (-10.0, 100.0));
+    }
+}
