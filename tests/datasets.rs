@@ -98,6 +98,24 @@ async fn the_digits_classifier_scores_what_its_training_script_measured(pool: Pg
     assert!(zstd > 0 && zstd < size, "zstd {zstd} of {size}");
     assert_eq!(report["original"]["latency_batched"]["batch_size"], 8);
     assert!(report["environment"]["peak_memory_bytes"].as_u64().unwrap() > 1 << 20);
+
+    // The same report as a self-contained page, its charts drawn from the JSON's numbers.
+    let r = app
+        .get(&format!("/v1/jobs/{}/report.html", job["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script src"));
+    let size = report["result"]["size_bytes"].as_u64().unwrap();
+    assert!(
+        html.contains(&format!("data-label=\"result\" data-size=\"{size}\"")),
+        "scatter point for the result"
+    );
+    assert!(
+        html.contains(&format!("data-ms=\"{}\"", report["result"]["latency"]["p50_ms"])),
+        "p50 bar"
+    );
     app.stop().await;
 }
 

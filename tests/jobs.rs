@@ -37,7 +37,7 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
         .iter()
         .map(|a| a["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec!["model.onnx", "report.json"]);
+    assert_eq!(names, vec!["model.onnx", "report.html", "report.json"]);
 
     // The artifact downloads intact and runs in stock ONNX Runtime with the outputs of the original.
     let model_artifact = &job["artifacts"][0];

@@ -382,7 +382,7 @@ fn noop_runner(dir: &std::path::Path) -> String {
     fake_runner(
         dir,
         "noop.sh",
-        r#"input="$4"; out="$8"; mkdir -p "$out" && cp "$input" "$out/model.onnx" && echo '{}' > "$out/report.json""#,
+        r#"input="$4"; out="$8"; mkdir -p "$out" && cp "$input" "$out/model.onnx" && echo '{}' > "$out/report.json" && echo '<html></html>' > "$out/report.html""#,
     )
 }
 
@@ -456,7 +456,7 @@ async fn many_workers_in_and_out_of_process_drain_the_queue_completing_each_job_
     .unwrap();
     assert_eq!(rows.len(), 200);
     for (state, attempt, artifacts, _) in &rows {
-        assert_eq!((state.as_str(), *attempt, *artifacts), ("succeeded", 1, 2));
+        assert_eq!((state.as_str(), *attempt, *artifacts), ("succeeded", 1, 3));
     }
     let workers: std::collections::HashSet<_> = rows.iter().filter_map(|r| r.3.clone()).collect();
     assert!(workers.len() >= 2, "the work was shared: {workers:?}");

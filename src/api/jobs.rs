@@ -24,7 +24,7 @@ use crate::db::models as db_models;
 use crate::db::page::Cursor;
 use crate::eval::Provider;
 use crate::eval::dataset::{self, EvaluationOptions, Task};
-use crate::pipeline::REPORT_ARTIFACT;
+use crate::pipeline::{REPORT_ARTIFACT, REPORT_HTML_ARTIFACT};
 use crate::queue::{self, AttemptError, CancelOutcome, Enqueued, JobError, JobRow, JobState, NewJob};
 
 #[derive(Debug, Deserialize)]
@@ -366,14 +366,35 @@ pub async fn report(
     Path(id): Path<Uuid>,
     headers: HeaderMap,
 ) -> ApiResult<Response<Body>> {
-    let job = find(&state, tenant, id).await?;
+    finished_report(&state, tenant, id, REPORT_ARTIFACT, &headers).await
+}
+
+/// The report as one self-contained HTML page (inline SVG charts, no external resources).
+pub async fn report_html(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response<Body>> {
+    finished_report(&state, tenant, id, REPORT_HTML_ARTIFACT, &headers).await
+}
+
+/// A report artifact, once the job has finished (409 `job_not_finished` before).
+async fn finished_report(
+    state: &AppState,
+    tenant: Tenant,
+    id: Uuid,
+    name: &str,
+    headers: &HeaderMap,
+) -> ApiResult<Response<Body>> {
+    let job = find(state, tenant, id).await?;
     if !job.state.is_terminal() {
         return Err(ApiError::Conflict {
             code: "job_not_finished",
             message: format!("the job is {}; its report exists once it succeeds", job.state.as_str()),
         });
     }
-    serve_artifact(&state, tenant, id, REPORT_ARTIFACT, &headers).await
+    serve_artifact(state, tenant, id, name, headers).await
 }
 
 pub async fn artifact(
@@ -395,10 +416,10 @@ async fn serve_artifact(
     let artifact = artifacts::get(&state.pool, tenant.0, job, name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("job {job} has no artifact named {name:?}")))?;
-    let content_type = if artifact.content_type == "application/json" {
-        "application/json"
-    } else {
-        "application/octet-stream"
+    let content_type = match artifact.content_type.as_str() {
+        "application/json" => "application/json",
+        "text/html; charset=utf-8" => "text/html; charset=utf-8",
+        _ => "application/octet-stream",
     };
     download::serve(
         state,

@@ -87,6 +87,7 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs/{id}", routing::get(jobs::get))
         .add(M::POST, "/v1/jobs/{id}/cancel", routing::post(jobs::cancel))
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
+        .add(M::GET, "/v1/jobs/{id}/report.html", routing::get(jobs::report_html))
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
 }
 

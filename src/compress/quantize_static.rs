@@ -636,7 +636,12 @@ mod tests {
         hist[BINS - 1] = 1;
         assert!(percentile_threshold(&hist, 99.0) < 0.01);
         assert_eq!(percentile_threshold(&hist, 100.0), 1.0);
-        assert!(entropy_threshold(&hist) < 1.0);
+        // Entropy keeps a lone outlier bin (clipping it costs more KL than it saves) but clips a
+        // long, thin exponential tail.
+        assert_eq!(entropy_threshold(&hist), 1.0);
+        let tail: Vec<u64> = (0..BINS).map(|i| (1e6 * (-(i as f64) / 40.0).exp()) as u64).collect();
+        let t = entropy_threshold(&tail);
+        assert!(t > 0.0 && t < 0.5, "{t}");
         let s = Stats {
             min: -10.0,
             max: 100.0,

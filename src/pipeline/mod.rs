@@ -20,6 +20,7 @@ use crate::report::{self, Environment, Measurement, PassRecord, Report};
 
 pub const MODEL_ARTIFACT: &str = "model.onnx";
 pub const REPORT_ARTIFACT: &str = "report.json";
+pub const REPORT_HTML_ARTIFACT: &str = "report.html";
 
 /// A failed attempt, with the stable code the API shows in `error.code`.
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +280,8 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
         warnings,
     };
     write_json(&out_dir.join(REPORT_ARTIFACT), &report)?;
+    std::fs::write(out_dir.join(REPORT_HTML_ARTIFACT), report::html::render(&report))
+        .map_err(io("writing report.html"))?;
     progress("done", 100.0);
     Ok(report)
 }

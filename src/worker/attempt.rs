@@ -17,7 +17,7 @@ use super::WorkerContext;
 use super::events::Event;
 use crate::db;
 use crate::eval::dataset::EvaluationOptions;
-use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT};
+use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT, REPORT_HTML_ARTIFACT};
 use crate::queue::{self, JobError, JobRow, Lease, NewArtifact};
 use crate::storage;
 
@@ -394,6 +394,7 @@ async fn store_artifacts(ctx: &WorkerContext, job: &JobRow, out_dir: &Path) -> O
     for (name, content_type) in [
         (MODEL_ARTIFACT, "application/octet-stream"),
         (REPORT_ARTIFACT, "application/json"),
+        (REPORT_HTML_ARTIFACT, "text/html; charset=utf-8"),
     ] {
         let path: PathBuf = out_dir.join(name);
         let (size, sha256) = match storage::hash_file(&path).await {
