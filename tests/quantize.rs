@@ -480,23 +480,79 @@ fn static_int8_writes_qdq_around_convs_and_matmuls_calibrated_on_synthetic_data_
 }
 
 #[test]
-fn static_int8_per_channel_needs_opset_13() {
+fn static_int8_per_channel_upgrades_an_opset_11_model_or_says_why_it_cannot() {
+    // Conv → Unsqueeze(axes attribute, opset 11) → Squeeze → Relu: upgradable.
+    let axes = |v: i64| AttributeProto {
+        name: Some("axes".into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: vec![v],
+        ..Default::default()
+    };
     let mut model = conv_model();
     model.opset_import[0].version = Some(11);
+    let g = model.graph.as_mut().unwrap();
+    g.node[1].input[0] = "s".into();
+    let squeeze = |name: &str, op: &str, input: &str, output: &str| NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op.into()),
+        input: vec![input.into()],
+        output: vec![output.into()],
+        attribute: vec![axes(0)],
+        ..Default::default()
+    };
+    g.node.insert(1, squeeze("unsq", "Unsqueeze", "c", "u"));
+    g.node.insert(2, squeeze("sq", "Squeeze", "u", "s"));
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(
+        &model,
+        json!([{"pass": "quantize_int8_static", "per_channel": true}]),
+        dir.path(),
+    )
+    .unwrap();
+    let notes = report.passes[0].notes.join(" | ");
+    assert!(
+        notes.contains("upgraded the model from opset 11 to 13 (rewrote: Squeeze, Unsqueeze)"),
+        "{notes}"
+    );
+    onnx_checker(&dir.path().join("out/model.onnx"));
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.98,
+        "{:?}",
+        report.result.fidelity
+    );
+    // Per tensor needs no upgrade at opset 11.
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, json!([{"pass": "quantize_int8_static"}]), dir.path()).unwrap();
+    assert!(!report.passes[0].notes.join(" ").contains("upgraded"));
+
+    // A Softmax over a middle axis of a rank-3 tensor means something else at opset 13: refused.
+    let mut soft = GraphBuilder::new("soft")
+        .input(
+            "x",
+            DataType::Float,
+            &[DimSpec::Fixed(2), DimSpec::Fixed(3), DimSpec::Fixed(4)],
+        )
+        .output(
+            "y",
+            DataType::Float,
+            &[DimSpec::Fixed(2), DimSpec::Fixed(3), DimSpec::Fixed(4)],
+        )
+        .initializer_f32("w", &[4, 4], vec![0.5; 16])
+        .node("MatMul", &["x", "w"], &["h"], vec![])
+        .node("Softmax", &["h"], &["y"], vec![attr_int("axis", 1)])
+        .build();
+    soft.opset_import[0].version = Some(11);
     let dir = tempfile::tempdir().unwrap();
     let err = run(
-        &model,
+        &soft,
         json!([{"pass": "quantize_int8_static", "per_channel": true}]),
         dir.path(),
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("opset 13") && err.to_string().contains("opset 11"),
+        err.to_string().contains("cannot be upgraded") && err.to_string().contains("changes meaning"),
         "{err}"
     );
-    // Per tensor works at opset 11.
-    let dir = tempfile::tempdir().unwrap();
-    run(&model, json!([{"pass": "quantize_int8_static"}]), dir.path()).unwrap();
 }
 
 #[test]

@@ -123,11 +123,33 @@ impl Pass for QuantizeStatic {
         let mut model = onnx::load(input).map_err(|e| err(e.to_string()))?;
         let opset = graph::opset_version(&model, "").unwrap_or(0);
         let needed = if p.per_channel { 13 } else { 10 };
+        let mut upgrade_note = None;
         if opset < needed {
-            return Err(err(format!(
-                "needs opset {needed} or later (QuantizeLinear/DequantizeLinear{}); the model imports opset {opset}",
-                if p.per_channel { " with a per-channel axis" } else { "" }
-            )));
+            // Per-channel QDQ needs opset 13: upgrade where that is faithful, else say why not.
+            let ranks = measure_ranks(
+                ctx,
+                &model,
+                &crate::onnx::upgrade::rank_sensitive_inputs(&model),
+                calibration,
+            )
+            .map_err(err)?;
+            let up = crate::onnx::upgrade::to_opset(&mut model, 13, &ranks).map_err(|why| {
+                err(format!(
+                    "needs opset {needed} or later (QuantizeLinear/DequantizeLinear{}); the model imports opset \
+                     {opset} and cannot be upgraded: {why}",
+                    if p.per_channel { " with a per-channel axis" } else { "" }
+                ))
+            })?;
+            upgrade_note = Some(format!(
+                "upgraded the model from opset {} to {} (rewrote: {})",
+                up.from,
+                up.to,
+                if up.rewritten.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    up.rewritten.join(", ")
+                }
+            ));
         }
         let graph = model
             .graph
@@ -348,6 +370,7 @@ impl Pass for QuantizeStatic {
             if calibration.is_synthetic() { " of synthetic data" } else { " of the calibration split" },
         ).to_lowercase());
         out.notes.extend(skipped);
+        out.notes.extend(upgrade_note);
         if calibration.is_synthetic() {
             out.warnings.push(
                 "quantize_int8_static calibrated on synthetic inputs (no dataset): activation ranges may not match real \
@@ -358,6 +381,36 @@ impl Pass for QuantizeStatic {
         external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
         Ok(out)
     }
+}
+
+/// Ranks of `names` measured by running the model once on a calibration sample (for values the
+/// model does not declare).
+fn measure_ranks(
+    ctx: &PassContext<'_>,
+    model: &crate::onnx::ModelProto,
+    names: &[String],
+    calibration: &crate::eval::calibration::CalibrationSet,
+) -> Result<HashMap<String, i64>, String> {
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let path = ctx.work_dir.join("ranks.onnx");
+    std::fs::write(&path, model_bytes_with_outputs(model, names)).map_err(|e| e.to_string())?;
+    let mut session = ctx.runtime.session(&path, ctx.threads).map_err(|e| e.to_string())?;
+    let tensors = calibration.sample(0)?;
+    let outputs = PreparedInputs::new(&tensors)
+        .and_then(|p| p.run_and_collect(&mut session))
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&path);
+    let mut ranks: HashMap<String, i64> = outputs
+        .into_iter()
+        .map(|o| (o.name, o.shape.len() as i64))
+        .filter(|(n, _)| names.contains(n))
+        .collect();
+    for t in tensors.iter().filter(|t| names.contains(&t.name)) {
+        ranks.insert(t.name.clone(), t.shape.len() as i64);
+    }
+    Ok(ranks)
 }
 
 /// A node is a target when its weight is a constant float tensor of the expected rank.

@@ -8,6 +8,7 @@ pub mod external;
 pub mod graph;
 pub mod summary;
 pub mod tensor;
+pub mod upgrade;
 
 use std::path::Path;
 
