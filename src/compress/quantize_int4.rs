@@ -200,10 +200,15 @@ impl Pass for QuantizeInt4 {
                     int("N", w.n as i64),
                     int("bits", 4),
                     int("block_size", block as i64),
-                    int("accuracy_level", self.0.accuracy_level as i64),
-                ],
+                ]
+                .into_iter()
+                // 0 is the operator's default: leave it out, as ONNX Runtime's own tool does.
+                .chain((self.0.accuracy_level > 0).then(|| int("accuracy_level", self.0.accuracy_level as i64)))
+                .collect(),
             );
             q.domain = Some(MS_DOMAIN.into());
+            // The replacement keeps the MatMul's name, so reports and exclude lists still find it.
+            q.name = node.name.clone();
             replaced.push((i, q));
             weights += (w.k * w.n) as u64;
         }
