@@ -39,3 +39,12 @@ bench: setup
 
 clean-data:
 	rm -rf data
+
+# A subset of the benchmarks in a few minutes, printed (BENCHMARKS.md is left alone): the queue
+# benchmark and the service benchmark with 5 s load runs and 100 MB uploads.
+.PHONY: bench-quick
+bench-quick: setup
+	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
+	  $(CARGO) build --release --examples >&2 && \
+	  ./target/release/examples/queue_bench && \
+	  SERVICE_BENCH_QUICK=1 bench/service_bench.sh

@@ -5,13 +5,16 @@ same models with the same settings, and prints Markdown sections for BENCHMARKS.
 - `quantize_int8_dynamic` vs ONNX Runtime's `onnxruntime.quantization.quantize_dynamic`;
 - `quantize_int4_weight_only` vs ONNX Runtime's
   `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`;
-- `fp16` vs onnxconverter-common's `float16.convert_float_to_float16`.
+- `fp16` vs onnxconverter-common's `float16.convert_float_to_float16`;
+- `quantize_int8_static` (QDQ, minmax) vs ONNX Runtime's `onnxruntime.quantization.quantize_static`,
+  both calibrated on exactly the same samples: ModelPress's job's calibration split, which the harness
+  reads back from the binary itself (see `calibration_split`).
 
     .venv/bin/python bench/quantize_vs_python.py                    the sections (bench/run.sh calls this)
-    .venv/bin/python bench/quantize_vs_python.py child-quantize KIND IN OUT   (internal) the Python tool, one model
+    .venv/bin/python bench/quantize_vs_python.py child-quantize KIND IN OUT [CALIB]   (internal) the Python tool, one model
     .venv/bin/python bench/quantize_vs_python.py child-baseline KIND          (internal) its imports alone
 
-KIND is int8, int4 or fp16. For every model and kind the two tools each convert the fp32 original,
+KIND is int8, int4, fp16 or static (CALIB: an .npz of the calibration samples, for static). For every model and kind the two tools each convert the fp32 original,
 then one harness here evaluates the fp32 original and both outputs with onnxruntime on the same seeded inputs: output size, fidelity of
 the first output against fp32 (cosine similarity, top-1 agreement), task accuracy where there are
 labels, CPU latency p50 with one intra-op thread, and `onnx.checker.check_model`. A tool that fails on
@@ -39,9 +42,16 @@ WARMUP, RUNS = 5, 50
 SLOWER = 1.05  # the same 5% margin the service uses for its "slower than the original" warning,
 SLOWER_MIN_MS = 0.01  # and the same 10 µs timer-noise floor for models that run in microseconds
 DIVERGED = 0.99  # a cosine below this against fp32: the output no longer computes what the original did
+NEAR_ZERO = 1e-3  # an fp32 first output whose largest |value| is below this: its cosine compares noise
 OP_TYPES = ["MatMul", "Gemm"]  # ModelPress's pass quantizes MatMul/Gemm only
 INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"}
 INT4_BLOCK = 32  # int4 weight-only: block size along K, symmetric (no zero points), for both tools
+STATIC_OPS = ["Conv", "MatMul", "Gemm"]  # quantize_int8_static's default op set, given to quantize_static too
+CAL_SAMPLES = 40  # seeded uniform samples per real model for int8 static; the job calibrates on 20% of them
+CAL_SEED = SEED + 1  # their NumPy seed: not the harness's own evaluation inputs
+RSS_MODEL = "PP-OCR mobile v2.0 cls"  # the model of the calibration-memory table
+RSS_SCALE = 4  # that table's second row: this many times the calibration samples
+STATIC_RECIPE = [{"pass": "quantize_int8_static", "calibration": "minmax", "per_channel": False}]
 
 # name, path (relative to the models folder, or to the repo for digits), input shape (None: dataset)
 MODELS = [
@@ -101,6 +111,45 @@ def tool_imports(kind: str):
             quant.process()
             quant.model.save_model_to_file(dst, use_external_data_format=False)
 
+    elif kind == "static":
+        import numpy as np
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            """One sample a call, batch of one, as ModelPress's calibration feeds them."""
+
+            def __init__(self, calib):
+                data = np.load(calib)
+                self.arrays = {k: data[k] for k in data.files}  # [K, 1, ...] per input
+                self.count = min(len(a) for a in self.arrays.values())
+                self.i = 0
+
+            def get_next(self):
+                if self.i >= self.count:
+                    return None
+                self.i += 1
+                return {k: a[self.i - 1] for k, a in self.arrays.items()}
+
+        def run(src, dst, calib):
+            reader = Reader(calib)  # inside the timer: ModelPress's pass reads its samples too
+            quantize_static(
+                src,
+                dst,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=STATIC_OPS,
+            )
+
     elif kind == "fp16":
         from onnxconverter_common import float16
 
@@ -112,7 +161,7 @@ def tool_imports(kind: str):
     return run
 
 
-def child_quantize(kind: str, src: str, dst: str) -> None:
+def child_quantize(kind: str, src: str, dst: str, *extra: str) -> None:
     try:
         run = tool_imports(kind)
     except Exception as e:  # a missing package is reported in the table, not hidden
@@ -120,7 +169,7 @@ def child_quantize(kind: str, src: str, dst: str) -> None:
         return
     try:
         t0 = time.perf_counter()
-        run(src, dst)
+        run(src, dst, *extra)
         ms = (time.perf_counter() - t0) * 1e3
         print(json.dumps({"pass_ms": ms, "vm_hwm_kib": vm_hwm_kib()}))
     except Exception as e:  # reported in the table, not hidden
@@ -159,8 +208,9 @@ def run_measured(cmd: list, env=None) -> tuple:
 REFUSAL_CODES = {"pass_failed", "non_finite_output"}
 
 
-def ours(model: Path, recipe: list, out_dir: Path, env: dict) -> dict:
-    cmd = [str(BIN), "compress", str(model), "--recipe", json.dumps(recipe), "--out", str(out_dir)]
+def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = ()) -> dict:
+    """ModelPress's `compress`, one model; `extra`: more arguments (`--dataset ...`)."""
+    cmd = [str(BIN), "compress", str(model), "--recipe", json.dumps(recipe), "--out", str(out_dir), *extra]
     rc, stdout, stderr, wall = run_measured(cmd, env)
     if rc != 0:
         # The job's error: a JSON error event on stdout (`--events`, the worker protocol) or, as here
@@ -193,11 +243,12 @@ def ours(model: Path, recipe: list, out_dir: Path, env: dict) -> dict:
         "pass_ms": report["passes"][0]["duration_ms"],
         "peak_mib": report["environment"]["peak_memory_bytes"] / 2**20,
         "wall_s": wall,
+        "calibration_samples": report["evaluation"].get("calibration_samples"),
     }
 
 
-def theirs(kind: str, model: Path, out_path: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "child-quantize", kind, str(model), str(out_path)]
+def theirs(kind: str, model: Path, out_path: Path, extra: tuple = ()) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "child-quantize", kind, str(model), str(out_path), *extra]
     rc, stdout, stderr, wall = run_measured(cmd)
     try:
         res = json.loads(stdout.strip().splitlines()[-1])
@@ -246,6 +297,19 @@ def count_int4(model):
     return sum(n.op_type == "MatMulNBits" for n in all_nodes(model.graph))
 
 
+def count_static(model):
+    """(Conv/MatMul/Gemm whose data and weight inputs both come from DequantizeLinear,
+    QuantizeLinear + DequantizeLinear + QLinear* nodes)."""
+    nodes = list(all_nodes(model.graph))
+    dq_out = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sum(
+        n.op_type in STATIC_OPS and len(n.input) >= 2 and n.input[0] in dq_out and n.input[1] in dq_out for n in nodes
+    )
+    quantized += sum(n.op_type in ("QLinearConv", "QLinearMatMul", "QGemm") for n in nodes)
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear") for n in nodes)
+    return quantized, qdq
+
+
 def count_fp16(model):
     """(float16 tensors, float32 tensors) among the weights."""
     from onnx import TensorProto
@@ -292,6 +356,18 @@ SECTIONS = [
         "nothing_words": "Converted nothing",
         "theirs": "onnxconverter-common",
         "rss_note": " (convert process)",
+    },
+    {
+        "kind": "static",
+        "heading": "Quantization: int8 static (QDQ) vs ONNX Runtime's quantize_static",
+        "recipe": STATIC_RECIPE,
+        "col": "quantized Conv/MatMul/Gemm / Q, DQ, QLinear nodes",
+        "count": count_static,
+        "show": lambda c: f"{c[0]:d} / {c[1]:d}",
+        "nothing": lambda c: c[0] == 0,
+        "nothing_words": "Quantized nothing",
+        "theirs": "ORT Python",
+        "rss_note": " (quantize process, with calibration)",
     },
 ]
 
@@ -343,6 +419,8 @@ def evaluate(rows: dict, feeds: list, labels, latency_feed: dict, count) -> None
             row["error"] = f"onnxruntime: {short(msg, 200)}"
 
     ref = rows["fp32"].get("outputs")
+    if ref is not None and all(r.dtype.kind == "f" and r.size for r in ref):
+        rows["fp32"]["ref_max_abs"] = max(float(np.abs(r.astype(np.float64)).max()) for r in ref)
     for row in rows.values():
         outs = row.pop("outputs", None)
         if outs is None:
@@ -390,6 +468,133 @@ def inputs_for(model_path: Path, shape):
     feeds = [{name: rng.random(shape, dtype=np.float32)} for _ in range(FIDELITY_SAMPLES)]
     dims = "x".join(map(str, shape))
     return feeds, None, feeds[0], f"{FIDELITY_SAMPLES} seeded uniform [0,1) inputs {dims}"
+
+
+# ---------------------------------------------------------------- int8 static: the calibration samples
+
+
+_SPLITS = {}
+
+
+def calibration_split(total: int, env: dict, tmp: Path) -> list:
+    """The indices of the samples ModelPress's job calibrates on, for a dataset of `total` samples,
+    read back from the binary itself.
+
+    The job cuts its calibration split by shuffling 0..total with Rust's StdRng seeded from the
+    configuration (`eval.seed`, `eval.calibration_fraction`), which NumPy cannot reproduce; but the
+    split depends on the sample count alone, so a probe job with the same count and the same options
+    shows it: a model whose input row is split into `total` one-element branches, each through a
+    MatMul of its own, and a dataset whose sample i is row i of the identity. `quantize_int8_static`
+    calibrates every branch's input on the calibration samples only, so branch i gets the range
+    [0, 1] (scale 1/255) exactly when sample i is one of them, and [0, 0] (scale 1) otherwise."""
+    if total in _SPLITS:
+        return _SPLITS[total]
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", total])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", total])
+    inits = [numpy_helper.from_array(np.ones(total, np.int64), "split"), numpy_helper.from_array(np.ones((1, 1), np.float32), "w")]
+    nodes = [helper.make_node("Split", ["x", "split"], [f"s{i}" for i in range(total)], axis=1)]
+    nodes += [helper.make_node("MatMul", [f"s{i}", "w"], [f"m{i}"]) for i in range(total)]
+    nodes.append(helper.make_node("Concat", [f"m{i}" for i in range(total)], ["y"], axis=1))
+    model = helper.make_model(helper.make_graph(nodes, "split_probe", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    probe = tmp / f"split-probe-{total}"
+    probe.mkdir()
+    onnx.save(model, str(probe / "probe.onnx"))
+    np.savez(probe / "probe.npz", x=np.eye(total, dtype=np.float32))
+    res = ours(probe / "probe.onnx", STATIC_RECIPE, probe / "out", env, ("--dataset", str(probe / "probe.npz")))
+    if "error" in res:
+        raise RuntimeError(f"the split probe failed: {res['error']}")
+    out = onnx.load(str(res["path"]))
+    scales = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    picked = sorted(
+        int(n.input[0][1:])
+        for n in out.graph.node
+        if n.op_type == "QuantizeLinear" and re.fullmatch(r"s\d+", n.input[0]) and float(scales[n.input[1]]) < 0.5
+    )
+    if len(picked) != res["calibration_samples"]:
+        raise RuntimeError(f"the split probe read {len(picked)} samples, its job reported {res['calibration_samples']}")
+    _SPLITS[total] = picked
+    return picked
+
+
+def static_calibration(i: int, path: Path, shape, tmp: Path, env: dict, samples: int = CAL_SAMPLES) -> dict:
+    """The calibration data for one model: ModelPress's `--dataset` arguments, and an .npz of just
+    the samples of its calibration split (each [1, ...], batch of one) for ORT's reader."""
+    import numpy as np
+    import onnxruntime as ort
+
+    if shape is None:
+        dataset = ROOT / "tests/fixtures/digits/test.npz"
+        arrays = {"input": np.load(dataset)["input"]}
+        extra = ("--dataset", str(dataset), "--task", "classification")
+    else:
+        name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        # the input's rank with a dynamic batch axis: the job reads samples along it
+        arrays = {name: np.random.default_rng(CAL_SEED).random([samples, *shape[1:]], dtype=np.float32)}
+        dataset = tmp / f"calibration-{i}-{samples}.npz"
+        np.savez(dataset, **arrays)
+        extra = ("--dataset", str(dataset))
+    total = len(next(iter(arrays.values())))
+    try:
+        idx = calibration_split(total, env, tmp)
+    except Exception as e:
+        return {"extra": extra, "total": total, "error": short(str(e), 200)}
+    calib = tmp / f"calibration-{i}-{samples}-ort.npz"
+    np.savez(calib, **{k: a[idx][:, None] for k, a in arrays.items()})
+    return {"extra": extra, "total": total, "indices": idx, "calib": calib}
+
+
+def theirs_static(path: Path, out_path: Path, cal: dict, ours_row: dict) -> dict:
+    if "error" in cal:
+        return {"error": f"no calibration samples: {cal['error']}"}
+    got = ours_row.get("calibration_samples")
+    if got is not None and got != len(cal["indices"]):
+        return {"error": f"the split probe found {len(cal['indices'])} calibration samples, ModelPress's job used {got}"}
+    return theirs("static", path, out_path, (str(cal["calib"]),))
+
+
+def rss_table(path: Path, shape, tmp: Path, env: dict, base_mib: str) -> list:
+    """Peak RSS of both tools calibrating one model on K and RSS_SCALE x K samples."""
+    lines = [
+        f"### Calibration memory: {RSS_MODEL}, {RSS_SCALE}x the calibration samples",
+        "",
+        f"The same model, options and harness as its table above, on {CAL_SAMPLES} and {CAL_SAMPLES * RSS_SCALE} "
+        f"seeded uniform samples (NumPy seed {CAL_SEED}), so that ModelPress's job calibrates on "
+        f"{round(CAL_SAMPLES * 0.2)} and {round(CAL_SAMPLES * RSS_SCALE * 0.2)} of them and ORT's reader yields "
+        "exactly those. ModelPress's figure is the whole job process (its evaluation of both models on the "
+        "other 80% included); ORT's is the quantize process, with the Python interpreter and its imports "
+        f"({base_mib} for a child that only imports them) and the calibration samples it reads.",
+        "",
+        "| | dataset samples | calibration samples | pass ms | peak RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    peaks = {"ours": [], "theirs": []}
+    for n in (CAL_SAMPLES, CAL_SAMPLES * RSS_SCALE):
+        log(f"{RSS_MODEL}: static, calibration memory with {n} samples")
+        cal = static_calibration(90, path, shape, tmp, env, n)
+        o = ours(path, STATIC_RECIPE, tmp / f"ours-static-rss-{n}", env, cal["extra"])
+        t = theirs_static(path, tmp / f"theirs-static-rss-{n}.onnx", cal, o)
+        k = len(cal.get("indices", [])) or "–"
+        for key, label, row in (("ours", "ModelPress (whole job)", o), ("theirs", "ORT Python (quantize process)", t)):
+            if "error" in row:
+                lines.append(f"| {label} | {n} | {k} | failed: {row['error']} | |")
+                peaks[key].append(None)
+            else:
+                lines.append(f"| {label} | {n} | {k} | {row['pass_ms']:.1f} | {row['peak_mib']:.1f} |")
+                peaks[key].append(row["peak_mib"])
+    lines.append("")
+    grow = [
+        f"{who} {p[1] - p[0]:+.1f} MiB ({p[1] / p[0]:.2f}x)"
+        for who, p in (("ModelPress", peaks["ours"]), ("ORT Python", peaks["theirs"]))
+        if None not in p
+    ]
+    if grow:
+        lines += [f"Peak RSS from {CAL_SAMPLES} to {CAL_SAMPLES * RSS_SCALE} samples: " + ", ".join(grow) + ".", ""]
+    return lines
 
 
 # ---------------------------------------------------------------- the sections
@@ -460,6 +665,12 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
     diverged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("cosine") is not None and not rows[k]["cosine"] >= DIVERGED]
     if diverged:
         line += f" **Output diverges from fp32 (cosine below {DIVERGED}):** " + ", ".join(diverged) + "."
+    if f.get("ref_max_abs") is not None and f["ref_max_abs"] < NEAR_ZERO:
+        line += (
+            f" The fp32 original's first output is all but empty on these inputs (largest |value| "
+            f"{f['ref_max_abs']:.1e}), so cosine and top-1 agreement here compare near-zero values: "
+            "they say little about the model on real data."
+        )
     refused = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("refused")]
     if refused:
         line += " Refused the model with a reason: " + ", ".join(refused) + "."
@@ -472,6 +683,23 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
         line += " Whole process wall time: " + ", ".join(walls) + "."
     lines += [line, ""]
     return lines
+
+
+def calibration_words(cal: dict, shape) -> str:
+    if "error" in cal:
+        return f"calibration: failed: {cal['error']}"
+    k, n = len(cal["indices"]), cal["total"]
+    shown = ", ".join(map(str, cal["indices"][:12])) + (", …" if k > 12 else "")
+    if shape is None:
+        return (
+            f"calibration: the {k} rows of ModelPress's calibration split of `test.npz` (of {n}; rows {shown}), "
+            f"the same {k} for both tools; accuracy and fidelity here count all {n} rows, those {k} included"
+        )
+    dims = "x".join(map(str, shape[1:]))
+    return (
+        f"calibration: the {k} samples of ModelPress's calibration split (of {n} seeded uniform [0,1) samples "
+        f"{dims}, NumPy seed {CAL_SEED}; samples {shown}), the same {k} for both tools"
+    )
 
 
 def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
@@ -534,6 +762,53 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "and a checker failure shows in the checker column. ModelPress declining a model with a reason "
             "(its job exits 1 with the error) shows `refused:` and the reason."
         )
+    if kind == "static":
+        return (
+            "For each model, ModelPress's `quantize_int8_static` pass and ONNX Runtime's own Python tool "
+            "quantize the same fp32 file the same way, calibrated on the same samples: QDQ format "
+            "(QuantizeLinear → DequantizeLinear pairs around each quantized node, which ONNX Runtime fuses "
+            "into its integer kernels when it loads the model), int8 weights per tensor, uint8 activations "
+            f"with a zero point, ranges by min/max, {'/'.join(STATIC_OPS)} only. ModelPress: `modelpress "
+            "compress MODEL --recipe '[{\"pass\":\"quantize_int8_static\",\"calibration\":\"minmax\","
+            "\"per_channel\":false}]' --out DIR --dataset DATA.npz` (plus `--task classification` for the "
+            "digits MLP, whose `DATA.npz` is `tests/fixtures/digits/test.npz`; for the real models "
+            f"`DATA.npz` holds {CAL_SAMPLES} seeded uniform [0,1) float32 samples, NumPy seed {CAL_SEED}, under "
+            "the model's input name, shaped [N, 3, H, W] with the harness's H and W, read along the input's "
+            "dynamic batch axis). The job calibrates on its deterministic calibration split (20% of the "
+            "samples, seed 42, from the configuration; the other 80% are its own evaluation) one sample at "
+            "a time. ORT: `onnxruntime.quantization.quantize_static(MODEL, OUT, reader, "
+            "quant_format=QuantFormat.QDQ, per_channel=False, activation_type=QuantType.QUInt8, "
+            "weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, "
+            f"op_types_to_quantize={STATIC_OPS})` (onnxruntime {ort_version}; its defaults otherwise; no "
+            "`quant_pre_process`), in a child process of its own, where `reader` is a "
+            "`CalibrationDataReader` that yields, one at a time as batches of one, **exactly the samples of "
+            "ModelPress's calibration split**. That split comes from Rust's `StdRng`, which NumPy cannot "
+            "replay, so the harness reads it back from the binary: for a dataset of N samples it runs "
+            "`compress` with the same recipe once on a probe model that splits its input row into N "
+            "one-element branches, each through a MatMul of its own, with a dataset whose sample i is row i "
+            "of the identity; branch i gets a nonzero range exactly when sample i was calibrated on (the "
+            "split depends on N alone, and the count read back is checked against the real job's report). "
+            "**Pass ms** includes calibration for both: ModelPress's `passes[0].duration_ms` (it "
+            "reads its calibration samples and runs them through ONNX Runtime inside the pass); for ORT a "
+            "timer around building the reader (loading its .npz of calibration samples) and the "
+            "`quantize_static(...)` call, which writes an augmented model, runs ONNX Runtime on every sample "
+            "and quantizes. Peak RSS (with the same caveats: ModelPress's is the whole job, its evaluation "
+            f"included; ORT's child is {base_mib} once it has only imported onnxruntime, onnx and NumPy), the "
+            "harness's inputs, p50, cosine, top-1 agreement, accuracy, the checker and both flags are "
+            "measured exactly as in the int8 dynamic section above; the harness's own evaluation inputs are "
+            f"the same seeded samples as there (NumPy seed {SEED}), not the calibration samples. **Quantized "
+            "Conv/MatMul/Gemm / Q, DQ, QLinear nodes**: the Conv/MatMul/Gemm nodes whose data and weight "
+            "inputs both come from a DequantizeLinear (0: the tool quantized nothing), then the count of "
+            "QuantizeLinear, DequantizeLinear and QLinear* nodes. The PaddleOCR exports hold their weights in "
+            "`Constant` nodes: ORT's tool then quantizes those weights as if they were activations (a "
+            "QuantizeLinear on the float constant at run time, uint8 with a calibrated range), so the float "
+            "weights stay in its file; ModelPress stores them as int8 initializers. ModelPress quantizes only "
+            "nodes with a constant weight (its report notes the rest as skipped); ORT also quantizes a MatMul of "
+            "two activations (the attention MatMuls of PP-OCRv4 rec). After the tables, one "
+            "more measures whether calibration memory grows with the number of samples. A tool that fails "
+            "shows `failed:` and its error; ModelPress declining a model with a reason shows `refused:` and "
+            "the reason."
+        )
     return (
         "For each model, ModelPress's `fp16` pass and onnxconverter-common's converter turn the same fp32 "
         "file's weights and activations into float16, keeping float32 graph inputs and outputs (Casts at "
@@ -595,7 +870,10 @@ def main() -> None:
         except ValueError:
             base_mib = "not measured: " + short(base_err.strip().splitlines()[-1] if base_err.strip() else "no output")
         out[kind] = [f"## {sec['heading']}", "", intro(kind, base_mib, ort.__version__, onnx.__version__), ""]
+        if kind == "static":
+            base_static = base_mib
 
+    rss_lines = None
     with tempfile.TemporaryDirectory(prefix="mp-quant-bench-") as tmp:
         tmp = Path(tmp)
         for i, (name, rel, shape) in enumerate(MODELS):
@@ -610,18 +888,30 @@ def main() -> None:
                 kind = sec["kind"]
                 log(f"{name}: {kind}")
                 rows = {"fp32": {"path": path}}
-                rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env)
-                rows["theirs"] = theirs(kind, path, tmp / f"theirs-{kind}-{i}.onnx")
+                shown_desc = desc
+                if kind == "static":
+                    cal = static_calibration(i, path, shape, tmp, env) if not build_error else {"error": build_error}
+                    shown_desc += "; " + calibration_words(cal, shape)
+                    rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env, cal["extra"])
+                    rows["theirs"] = theirs_static(path, tmp / f"theirs-{kind}-{i}.onnx", cal, rows["ours"])
+                else:
+                    rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env)
+                    rows["theirs"] = theirs(kind, path, tmp / f"theirs-{kind}-{i}.onnx")
                 evaluate(rows, feeds, labels, latency_feed, sec["count"])
-                out[kind] += table(name, shown, desc, rows, labels, sec)
+                out[kind] += table(name, shown, shown_desc, rows, labels, sec)
             del feeds
+            if name == RSS_MODEL and not build_error:
+                rss_lines = rss_table(path, shape, tmp, env, base_static)
+        if rss_lines is None:
+            rss_lines = [f"### Calibration memory: {RSS_MODEL}", "", "failed: " + (build_error or "model not found (scripts/fetch-models.sh)"), ""]
+        out["static"] += rss_lines
     print("\n".join(line for sec in SECTIONS for line in out[sec["kind"]]))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "child-quantize":
-        child_quantize(sys.argv[2], sys.argv[3], sys.argv[4])
+        child_quantize(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "child-baseline":
         child_baseline(sys.argv[2] if len(sys.argv) > 2 else "int8")
     else:

@@ -23,6 +23,7 @@ out=BENCHMARKS.md.tmp
   ./target/release/examples/queue_bench
   ./target/release/examples/onnx_bench
   .venv/bin/python bench/quantize_vs_python.py
+  bench/service_bench.sh
 } > "$out"
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

@@ -54,6 +54,66 @@ fn shorten(message: &str) -> String {
     format!("{} ... {}", &message[..head], &message[tail..])
 }
 
+/// Checks the top-level protobuf framing of a model file without reading it into memory: every
+/// field must be a known `ModelProto` field with its wire type, and every length must fit in the
+/// file. Random bytes and most truncations fail within the first few bytes read, before an upload
+/// costs memory the size of the file.
+pub fn precheck(path: &Path) -> Result<()> {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom};
+    let io = |source| OnnxError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut r = BufReader::new(file);
+    let bad = |what: String| OnnxError::Invalid(format!("not an ONNX model: {what}"));
+    let mut pos = 0u64;
+    let varint = |r: &mut BufReader<std::fs::File>, pos: &mut u64| -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = match r.fill_buf().map_err(io)?.first() {
+                Some(&b) => b,
+                None => return Err(bad(format!("the file ends inside a field header at byte {pos}"))),
+            };
+            r.consume(1);
+            *pos += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(bad(format!("a malformed varint at byte {pos}")))
+    };
+    while pos < len {
+        let key = varint(&mut r, &mut pos)?;
+        let (field, wire) = (key >> 3, key & 7);
+        // ModelProto: varints 1 (ir_version) and 5 (model_version); everything else is
+        // length-delimited (strings, the graph, repeated messages).
+        let expected = match field {
+            1 | 5 => 0,
+            2 | 3 | 4 | 6 | 7 | 8 | 14 | 20 | 25 | 26 => 2,
+            _ => return Err(bad(format!("unknown top-level field {field} at byte {pos}"))),
+        };
+        if wire != expected {
+            return Err(bad(format!("field {field} has wire type {wire} at byte {pos}")));
+        }
+        if wire == 0 {
+            varint(&mut r, &mut pos)?;
+        } else {
+            let n = varint(&mut r, &mut pos)?;
+            if pos.checked_add(n).is_none_or(|end| end > len) {
+                return Err(bad(format!(
+                    "field {field} claims {n} bytes at byte {pos} but the file has {len}"
+                )));
+            }
+            pos += n;
+            r.seek(SeekFrom::Start(pos)).map_err(io)?;
+        }
+    }
+    Ok(())
+}
+
 /// Decodes and validates a model held in memory.
 pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
     let model = ModelProto::decode(bytes)?;
@@ -180,6 +240,21 @@ mod tests {
     fn an_empty_file_is_not_a_model() {
         let err = decode(b"").unwrap_err();
         assert!(err.to_string().contains("ir_version"), "{err}");
+    }
+
+    #[test]
+    fn the_precheck_passes_real_framing_and_stops_garbage_and_truncation_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let bytes = encode(&builder::tiny_mlp(2));
+        std::fs::write(&path, &bytes).unwrap();
+        precheck(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(precheck(&path).unwrap_err().to_string().contains("claims"));
+        std::fs::write(&path, b"\xff\xff\xff garbage").unwrap();
+        assert!(precheck(&path).is_err());
+        std::fs::write(&path, b"hello world, not a model").unwrap();
+        assert!(precheck(&path).is_err());
     }
 
     #[test]
