@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{Weight, int_attr, node_of, sanitize, tensor, weight_of};
+use super::weights::{Weight, int_attr, node_of, sanitize, skipped_notes, tensor, weight_of};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -208,11 +208,7 @@ impl Pass for QuantizeDynamic {
         let (dead_nodes, dead_weights) = graph::eliminate_dead(graph);
         graph::topological_order(graph).map_err(|e| err(format!("the rewritten graph is invalid: {e}")))?;
 
-        let mut skipped: Vec<String> = skipped
-            .into_iter()
-            .map(|(why, n)| format!("{n} skipped: {why}"))
-            .collect();
-        skipped.sort();
+        let skipped = skipped_notes(skipped);
         if quantized == 0 {
             out.warnings.push(format!(
                 "quantize_int8_dynamic found nothing to quantize (no {} with a constant 2-D float weight); the model is unchanged{}",

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{Weight, node_of, sanitize, tensor, weight_of};
+use super::weights::{Weight, node_of, sanitize, skipped_notes, tensor, weight_of};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -228,11 +228,7 @@ impl Pass for QuantizeInt4 {
                     .into(),
             );
         }
-        let mut skipped: Vec<String> = skipped
-            .into_iter()
-            .map(|(why, n)| format!("{n} skipped: {why}"))
-            .collect();
-        skipped.sort();
+        let skipped = skipped_notes(skipped);
         out.notes.push(format!(
             "{quantized} MatMul node(s) to MatMulNBits, {weights} weights to 4 bits (block {block}, {}); {dead_weights} \
              float initializer(s) and {dead_nodes} Constant node(s) no longer read were removed",

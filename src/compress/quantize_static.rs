@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{int_attr, node_of, sanitize, tensor};
+use super::weights::{constant, int_attr, node_of, sanitize, skipped_notes, tensor};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::{InputTensor, TensorData};
 use crate::eval::session::PreparedInputs;
@@ -261,7 +261,9 @@ impl Pass for QuantizeStatic {
         let mut weights = 0u64;
         for t in &targets {
             let node = graph.node[t.node].clone();
-            let w = constant(&index, graph, &node.input[1]).expect("checked by target()");
+            let w = constant(&index, graph, &node.input[1])
+                .cloned()
+                .expect("checked by target()");
             let values = floats(&w);
             let channels = w.dims[t.channel_axis] as usize;
             let (q, scales) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel);
@@ -301,7 +303,7 @@ impl Pass for QuantizeStatic {
                 && let Some(bt) =
                     constant(&index, graph, b).filter(|bt| bt.dims.len() == 1 && bt.dims[0] as usize == channels)
             {
-                let bias = floats(&bt);
+                let bias = floats(bt);
                 let bscale: Vec<f32> = (0..channels)
                     .map(|c| input_scale * if p.per_channel { scales[c] } else { scales[0] })
                     .collect();
@@ -355,11 +357,7 @@ impl Pass for QuantizeStatic {
         graph::sort_topologically(graph).map_err(|e| err(format!("the quantized graph is invalid: {e}")))?;
         let (dead_nodes, dead_weights) = graph::eliminate_dead(graph);
 
-        let mut skipped: Vec<String> = skipped
-            .into_iter()
-            .map(|(why, n)| format!("{n} skipped: {why}"))
-            .collect();
-        skipped.sort();
+        let skipped = skipped_notes(skipped);
         out.notes.push(format!(
             "{} node(s) quantized (QDQ), {weights} weights to int8 ({}), {} activation(s) calibrated with {:?} on {samples} \
              sample(s){}; {dead_weights} float initializer(s) and {dead_nodes} node(s) no longer read were removed",
@@ -437,22 +435,6 @@ fn target(node: &NodeProto, i: usize, index: &GraphIndex, g: &GraphProto) -> Res
         _ => return Err("the weight has an unexpected rank".into()),
     };
     Ok(Target { node: i, channel_axis })
-}
-
-/// An initializer, or the tensor of the `Constant` node producing `name`.
-fn constant(index: &GraphIndex, g: &GraphProto, name: &str) -> Option<TensorProto> {
-    index.initializer(g, name).cloned().or_else(|| {
-        let producer = &g.node[*index.producer.get(name)?];
-        (producer.op_type() == "Constant")
-            .then(|| {
-                producer
-                    .attribute
-                    .iter()
-                    .find(|a| a.name() == "value")
-                    .and_then(|a| a.t.clone())
-            })
-            .flatten()
-    })
 }
 
 fn floats(t: &TensorProto) -> Vec<f32> {

@@ -13,24 +13,37 @@ pub struct Weight {
 }
 
 /// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
+/// The constant tensor named `name`: an initializer, or the value of the `Constant` node that
+/// produces it.
+pub fn constant<'g>(index: &GraphIndex, g: &'g GraphProto, name: &str) -> Option<&'g TensorProto> {
+    index.initializer(g, name).or_else(|| {
+        let producer = &g.node[*index.producer.get(name)?];
+        (producer.op_type() == "Constant")
+            .then(|| {
+                producer
+                    .attribute
+                    .iter()
+                    .find(|a| a.name() == "value")
+                    .and_then(|a| a.t.as_ref())
+            })
+            .flatten()
+    })
+}
+
+/// Reasons nodes were skipped, as report notes (`"3 skipped: the weight is not a constant"`).
+pub fn skipped_notes(skipped: std::collections::HashMap<String, usize>) -> Vec<String> {
+    let mut notes: Vec<String> = skipped
+        .into_iter()
+        .map(|(why, n)| format!("{n} skipped: {why}"))
+        .collect();
+    notes.sort();
+    notes
+}
+
 pub fn weight_of(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -> Result<Weight, String> {
     let name = node.input.get(1).ok_or("no weight input")?;
     // Initializers, or `Constant` nodes (some exporters keep every weight there).
-    let t = index
-        .initializer(g, name)
-        .or_else(|| {
-            let producer = &g.node[*index.producer.get(name)?];
-            (producer.op_type() == "Constant")
-                .then(|| {
-                    producer
-                        .attribute
-                        .iter()
-                        .find(|a| a.name() == "value")
-                        .and_then(|a| a.t.as_ref())
-                })
-                .flatten()
-        })
-        .ok_or("the weight is not a constant")?;
+    let t = constant(index, g, name).ok_or("the weight is not a constant")?;
     if t.data_type() != DataType::Float as i32 {
         return Err("the weight is not float32".into());
     }
