@@ -444,14 +444,15 @@ fn conv_model() -> ModelProto {
 
 #[test]
 fn static_int8_writes_qdq_around_convs_and_matmuls_calibrated_on_synthetic_data_when_there_is_none() {
-    for (model, per_channel) in [
-        (conv_model(), true),
-        (conv_model(), false),
-        (builder::tiny_mlp(11), true),
+    for (model, per_channel, symmetric) in [
+        (conv_model(), true, true),
+        (conv_model(), false, false),
+        (builder::tiny_mlp(11), true, false),
     ] {
         for method in ["minmax", "percentile", "entropy"] {
             let dir = tempfile::tempdir().unwrap();
-            let recipe = json!([{"pass": "quantize_int8_static", "calibration": method, "per_channel": per_channel}]);
+            let recipe = json!([{"pass": "quantize_int8_static", "calibration": method, "per_channel": per_channel,
+                                 "symmetric_weights": symmetric}]);
             let report = run(&model, recipe, dir.path()).unwrap();
             let result = dir.path().join("out/model.onnx");
             onnx_checker(&result);
@@ -461,7 +462,12 @@ fn static_int8_writes_qdq_around_convs_and_matmuls_calibrated_on_synthetic_data_
                 "{:?}",
                 s.op_counts
             );
-            assert!(s.parameters_by_dtype["int8"].elements > 0);
+            let weight_type = if symmetric { "int8" } else { "uint8" };
+            assert!(
+                s.parameters_by_dtype[weight_type].elements > 0,
+                "{:?}",
+                s.parameters_by_dtype
+            );
             assert!(
                 report.result.fidelity.cosine_similarity > 0.98,
                 "{method}: {:?}",

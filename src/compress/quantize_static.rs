@@ -47,6 +47,10 @@ pub struct StaticParams {
     /// int8 activations around zero instead of uint8 with a zero point.
     #[serde(default)]
     pub symmetric_activations: bool,
+    /// int8 weights around zero (what ONNX Runtime's fast kernels expect) or uint8 weights with a
+    /// zero point (tighter for skewed weights).
+    #[serde(default = "default_true")]
+    pub symmetric_weights: bool,
     #[serde(default = "default_ops")]
     pub op_types: Vec<String>,
     #[serde(default)]
@@ -56,6 +60,10 @@ pub struct StaticParams {
     /// Most calibration samples used.
     #[serde(default = "default_samples")]
     pub max_samples: usize,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_percentile() -> f64 {
@@ -266,7 +274,19 @@ impl Pass for QuantizeStatic {
                 .expect("checked by target()");
             let values = floats(&w);
             let channels = w.dims[t.channel_axis] as usize;
-            let (q, scales) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel);
+            let (q, scales, zero_points, weight_type) = if p.symmetric_weights {
+                let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel);
+                let zeros = vec![0u8; s.len()];
+                (
+                    q.iter().map(|&v| v as u8).collect::<Vec<u8>>(),
+                    s,
+                    zeros,
+                    DataType::Int8,
+                )
+            } else {
+                let (q, s, z) = quantize_weight_asymmetric(&values, &w.dims, t.channel_axis, p.per_channel);
+                (q, s, z, DataType::Uint8)
+            };
             weights += values.len() as u64;
             let base = sanitize(&node.input[1]);
             let (wq, ws, wz, wdq) = (
@@ -276,19 +296,14 @@ impl Pass for QuantizeStatic {
                 names.fresh(&format!("{base}_dequantized")),
             );
             let sdims: Vec<i64> = if p.per_channel { vec![channels as i64] } else { vec![] };
-            new_inits.push(tensor(
-                &wq,
-                &w.dims,
-                DataType::Int8,
-                q.iter().map(|&v| v as u8).collect(),
-            ));
+            new_inits.push(tensor(&wq, &w.dims, weight_type, q));
             new_inits.push(tensor(
                 &ws,
                 &sdims,
                 DataType::Float,
                 scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
             ));
-            new_inits.push(tensor(&wz, &sdims, DataType::Int8, vec![0u8; scales.len()]));
+            new_inits.push(tensor(&wz, &sdims, weight_type, zero_points));
             let axis = if p.per_channel {
                 vec![int_attr("axis", t.channel_axis as i64)]
             } else {
@@ -473,6 +488,42 @@ fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool)
         })
         .collect();
     (q, scales)
+}
+
+/// Asymmetric uint8 weights: per channel along `axis` (or per tensor) the range [min, max] (always
+/// containing 0) maps onto 0..=255 with a zero point.
+fn quantize_weight_asymmetric(
+    values: &[f32],
+    dims: &[i64],
+    axis: usize,
+    per_channel: bool,
+) -> (Vec<u8>, Vec<f32>, Vec<u8>) {
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let channels = if per_channel { dims[axis] } else { 1 };
+    let channel_of = |i: usize| if per_channel { (i / inner) % dims[axis] } else { 0 };
+    let mut lo = vec![0f32; channels];
+    let mut hi = vec![0f32; channels];
+    for (i, &v) in values.iter().enumerate() {
+        let c = channel_of(i);
+        lo[c] = lo[c].min(v);
+        hi[c] = hi[c].max(v);
+    }
+    let scales: Vec<f32> = (0..channels)
+        .map(|c| if hi[c] > lo[c] { (hi[c] - lo[c]) / 255.0 } else { 1.0 })
+        .collect();
+    let zps: Vec<u8> = (0..channels)
+        .map(|c| (-lo[c] / scales[c]).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    let q = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = channel_of(i);
+            ((v / scales[c]).round() + zps[c] as f32).clamp(0.0, 255.0) as u8
+        })
+        .collect();
+    (q, scales, zps)
 }
 
 /// The model with `names` exposed as extra outputs (graph inputs are read from the samples).
@@ -661,6 +712,18 @@ mod tests {
         // A MatMul weight [2, 2] quantized along axis 1 (columns).
         let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true);
         assert_eq!(s, vec![3.0 / 127.0, 0.5 / 127.0]);
+    }
+
+    #[test]
+    fn asymmetric_weights_decode_within_half_a_step() {
+        let values = [0.5f32, 2.0, -0.25, 1.0, 3.0, 0.0];
+        let (q, s, z) = quantize_weight_asymmetric(&values, &[2, 3], 1, true);
+        assert_eq!((s.len(), z.len()), (3, 3));
+        for (i, &v) in values.iter().enumerate() {
+            let c = i % 3;
+            let back = (q[i] as f32 - z[c] as f32) * s[c];
+            assert!((back - v).abs() <= s[c] / 2.0 + 1e-6, "{i}: {back} vs {v}");
+        }
     }
 
     #[test]
