@@ -47,20 +47,42 @@ OP_TYPES = ["MatMul", "Gemm"]  # ModelPress's pass quantizes MatMul/Gemm only
 INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm"}
 INT4_BLOCK = 32  # int4 weight-only: block size along K, symmetric (no zero points), for both tools
 STATIC_OPS = ["Conv", "MatMul", "Gemm"]  # quantize_int8_static's default op set, given to quantize_static too
-CAL_SAMPLES = 40  # seeded uniform samples per real model for int8 static; the job calibrates on 20% of them
+CAL_SAMPLES = 40  # seeded samples (uniform, or token ids) per model without a dataset for int8 static; the job calibrates on 20% of them
 CAL_SEED = SEED + 1  # their NumPy seed: not the harness's own evaluation inputs
 RSS_MODEL = "PP-OCR mobile v2.0 cls"  # the model of the calibration-memory table
 RSS_SCALE = 4  # that table's second row: this many times the calibration samples
 STATIC_RECIPE = [{"pass": "quantize_int8_static", "calibration": "minmax", "per_channel": False}]
 
-# name, path (relative to the models folder, or to the repo for digits), input shape (None: dataset)
+TOKEN_IDS = (0, 256)  # the transformer encoder's inputs: int64 token ids in [0, 256), its vocabulary
+
+# name, path (relative to the models folder, or to the repo for the fixtures under tests/), input shape
+# (None: the digits dataset), input values (None: uniform [0,1) float32; (low, high): int64 in [low, high))
 MODELS = [
-    ("digits MLP", "tests/fixtures/digits/mlp.onnx", None),
-    ("PP-OCRv4 rec", "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", [1, 3, 48, 320]),
-    ("PP-OCRv4 det", "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", [1, 3, 320, 320]),
-    ("PP-OCR mobile v2.0 cls", "rapidocr/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", [1, 3, 48, 192]),
-    ("NudeNet 320n (YOLOv8n)", "nudenet/nudenet/320n.onnx", [1, 3, 320, 320]),
+    ("digits MLP", "tests/fixtures/digits/mlp.onnx", None, None),
+    ("transformer encoder", "tests/fixtures/transformer/encoder.onnx", [1, 16], TOKEN_IDS),
+    ("PP-OCRv4 rec", "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", [1, 3, 48, 320], None),
+    ("PP-OCRv4 det", "rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", [1, 3, 320, 320], None),
+    ("PP-OCR mobile v2.0 cls", "rapidocr/rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", [1, 3, 48, 192], None),
+    ("NudeNet 320n (YOLOv8n)", "nudenet/nudenet/320n.onnx", [1, 3, 320, 320], None),
 ]
+
+
+def in_repo(rel: str) -> bool:
+    """A fixture of this repository (tests/fixtures/...), not a model of the models folder."""
+    return rel.startswith("tests/")
+
+
+def sample(rng, shape, values):
+    """Seeded model inputs: uniform [0,1) float32, or int64 in [low, high) for a token-id input."""
+    import numpy as np
+
+    if values is None:
+        return rng.random(shape, dtype=np.float32)
+    return rng.integers(values[0], values[1], size=shape, dtype=np.int64)
+
+
+def values_words(values) -> str:
+    return "uniform [0,1)" if values is None else f"int64 [{values[0]}, {values[1]}) token-id"
 
 
 def log(msg: str) -> None:
@@ -453,7 +475,7 @@ def evaluate(rows: dict, feeds: list, labels, latency_feed: dict, count) -> None
         rows[key]["p50"] = float(np.median(ts))
 
 
-def inputs_for(model_path: Path, shape):
+def inputs_for(model_path: Path, shape, values=None):
     """(feeds for fidelity, labels or None, the feed timed for latency, a description)."""
     import numpy as np
     import onnxruntime as ort
@@ -465,9 +487,9 @@ def inputs_for(model_path: Path, shape):
         return [feed], labels, feed, f"the {len(x)}-row test set (`test.npz`), one batch"
     name = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
     rng = np.random.default_rng(SEED)
-    feeds = [{name: rng.random(shape, dtype=np.float32)} for _ in range(FIDELITY_SAMPLES)]
+    feeds = [{name: sample(rng, shape, values)} for _ in range(FIDELITY_SAMPLES)]
     dims = "x".join(map(str, shape))
-    return feeds, None, feeds[0], f"{FIDELITY_SAMPLES} seeded uniform [0,1) inputs {dims}"
+    return feeds, None, feeds[0], f"{FIDELITY_SAMPLES} seeded {values_words(values)} inputs {dims}"
 
 
 # ---------------------------------------------------------------- int8 static: the calibration samples
@@ -521,7 +543,7 @@ def calibration_split(total: int, env: dict, tmp: Path) -> list:
     return picked
 
 
-def static_calibration(i: int, path: Path, shape, tmp: Path, env: dict, samples: int = CAL_SAMPLES) -> dict:
+def static_calibration(i: int, path: Path, shape, tmp: Path, env: dict, samples: int = CAL_SAMPLES, values=None) -> dict:
     """The calibration data for one model: ModelPress's `--dataset` arguments, and an .npz of just
     the samples of its calibration split (each [1, ...], batch of one) for ORT's reader."""
     import numpy as np
@@ -534,7 +556,7 @@ def static_calibration(i: int, path: Path, shape, tmp: Path, env: dict, samples:
     else:
         name = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
         # the input's rank with a dynamic batch axis: the job reads samples along it
-        arrays = {name: np.random.default_rng(CAL_SEED).random([samples, *shape[1:]], dtype=np.float32)}
+        arrays = {name: sample(np.random.default_rng(CAL_SEED), [samples, *shape[1:]], values)}
         dataset = tmp / f"calibration-{i}-{samples}.npz"
         np.savez(dataset, **arrays)
         extra = ("--dataset", str(dataset))
@@ -685,7 +707,7 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
     return lines
 
 
-def calibration_words(cal: dict, shape) -> str:
+def calibration_words(cal: dict, shape, values=None) -> str:
     if "error" in cal:
         return f"calibration: failed: {cal['error']}"
     k, n = len(cal["indices"]), cal["total"]
@@ -697,7 +719,7 @@ def calibration_words(cal: dict, shape) -> str:
         )
     dims = "x".join(map(str, shape[1:]))
     return (
-        f"calibration: the {k} samples of ModelPress's calibration split (of {n} seeded uniform [0,1) samples "
+        f"calibration: the {k} samples of ModelPress's calibration split (of {n} seeded {values_words(values)} samples "
         f"{dims}, NumPy seed {CAL_SEED}; samples {shown}), the same {k} for both tools"
     )
 
@@ -774,7 +796,8 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "digits MLP, whose `DATA.npz` is `tests/fixtures/digits/test.npz`; for the real models "
             f"`DATA.npz` holds {CAL_SAMPLES} seeded uniform [0,1) float32 samples, NumPy seed {CAL_SEED}, under "
             "the model's input name, shaped [N, 3, H, W] with the harness's H and W, read along the input's "
-            "dynamic batch axis). The job calibrates on its deterministic calibration split (20% of the "
+            f"dynamic batch axis; for the transformer encoder, {CAL_SAMPLES} seeded int64 token ids in "
+            f"[{TOKEN_IDS[0]}, {TOKEN_IDS[1]}) shaped [N, 16] under `input_ids`, read the same way). The job calibrates on its deterministic calibration split (20% of the "
             "samples, seed 42, from the configuration; the other 80% are its own evaluation) one sample at "
             "a time. ORT: `onnxruntime.quantization.quantize_static(MODEL, OUT, reader, "
             "quant_format=QuantFormat.QDQ, per_channel=False, activation_type=QuantType.QUInt8, "
@@ -876,22 +899,23 @@ def main() -> None:
     rss_lines = None
     with tempfile.TemporaryDirectory(prefix="mp-quant-bench-") as tmp:
         tmp = Path(tmp)
-        for i, (name, rel, shape) in enumerate(MODELS):
-            path = ROOT / rel if shape is None else mdir / rel
-            shown = rel if shape is None else f"$MODELPRESS_MODELS_DIR/{rel}"
+        for i, (name, rel, shape, values) in enumerate(MODELS):
+            path = ROOT / rel if in_repo(rel) else mdir / rel
+            shown = rel if in_repo(rel) else f"$MODELPRESS_MODELS_DIR/{rel}"
             if not path.exists():
                 for sec in SECTIONS:
-                    out[sec["kind"]] += [f"### {name}", "", f"`{shown}`: failed: model not found (scripts/fetch-models.sh)", ""]
+                    hint = "its fixture script under scripts/" if in_repo(rel) else "scripts/fetch-models.sh"
+                    out[sec["kind"]] += [f"### {name}", "", f"`{shown}`: failed: model not found ({hint})", ""]
                 continue
-            feeds, labels, latency_feed, desc = inputs_for(path, shape)
+            feeds, labels, latency_feed, desc = inputs_for(path, shape, values)
             for sec in SECTIONS:
                 kind = sec["kind"]
                 log(f"{name}: {kind}")
                 rows = {"fp32": {"path": path}}
                 shown_desc = desc
                 if kind == "static":
-                    cal = static_calibration(i, path, shape, tmp, env) if not build_error else {"error": build_error}
-                    shown_desc += "; " + calibration_words(cal, shape)
+                    cal = static_calibration(i, path, shape, tmp, env, values=values) if not build_error else {"error": build_error}
+                    shown_desc += "; " + calibration_words(cal, shape, values)
                     rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env, cal["extra"])
                     rows["theirs"] = theirs_static(path, tmp / f"theirs-{kind}-{i}.onnx", cal, rows["ours"])
                 else:

@@ -572,3 +572,35 @@ fn static_int8_is_deterministic() {
         std::fs::read(b.path().join("out/model.onnx")).unwrap()
     );
 }
+
+/// The transformer encoder made by scripts/make-transformer-fixture.py (2 layers, 13 MatMuls with
+/// constant weights, int64 token ids): every pass loads, passes the checker and stays close.
+#[test]
+fn every_pass_keeps_the_transformer_encoder_close() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/transformer/encoder.onnx"
+    ))
+    .unwrap();
+    let model = modelpress::onnx::decode(&bytes).unwrap();
+    let cases = [
+        (json!([{"pass": "quantize_int8_dynamic", "per_channel": true}]), 0.999),
+        (json!([{"pass": "quantize_int4_weight_only", "block_size": 32}]), 0.995),
+        (json!([{"pass": "fp16"}]), 0.9999),
+        (
+            json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "percentile"}]),
+            0.99,
+        ),
+    ];
+    for (recipe, min_cosine) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let report = run(&model, recipe.clone(), dir.path()).unwrap_or_else(|e| panic!("{recipe}: {e}"));
+        onnx_checker(&dir.path().join("out/model.onnx"));
+        assert!(
+            report.result.size_bytes < report.original.size_bytes,
+            "{recipe}: not smaller"
+        );
+        let cosine = report.result.fidelity.cosine_similarity;
+        assert!(cosine > min_cosine, "{recipe}: cosine {cosine}");
+    }
+}

@@ -93,8 +93,11 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
             let rows = (b * block)..((b + 1) * block).min(w.k);
             let values: Vec<f32> = rows.clone().map(|r| w.values[r * w.n + col]).collect();
             let (scale, zp) = if symmetric {
-                let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-                (if max > 0.0 { max / 7.0 } else { 1.0 }, 8u8)
+                // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses all
+                // 16 levels where absmax/7 would waste one (values at the other extreme saturate
+                // at +7, at most one step off). ONNX Runtime's MatMulNBits quantizer does the same.
+                let extreme = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                (if extreme != 0.0 { extreme / -8.0 } else { 1.0 }, 8u8)
             } else {
                 let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                 let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
@@ -269,11 +272,13 @@ mod tests {
             for col in 0..n {
                 for row in 0..k {
                     let b = row / 16;
-                    let step = p.scales[col * p.blocks + b];
+                    let step = p.scales[col * p.blocks + b].abs();
                     let got = decode(&p, &w, 16, col, row);
                     let want = w.values[row * n + col];
+                    // Symmetric blocks saturate the far extreme at +7: up to one step off there.
+                    let tolerance = if symmetric { step } else { step / 2.0 };
                     assert!(
-                        (got - want).abs() <= step / 2.0 + 1e-5,
+                        (got - want).abs() <= tolerance + 1e-5,
                         "sym {symmetric} [{row},{col}]: {got} vs {want}"
                     );
                 }
