@@ -46,11 +46,13 @@ pub async fn run(
         tasks.spawn(worker::run(ctx, shutdown.clone()));
     }
     if let Some(listener) = options.listener {
+        let events = api::events::spawn_relay(pool.clone(), shutdown.clone());
         let state = AppState {
             pool,
             storage,
             config: config.clone(),
             runtime: Arc::new(runtime),
+            events,
         };
         let app = api::app(state);
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");

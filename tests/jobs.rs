@@ -300,3 +300,87 @@ async fn unknown_jobs_and_artifacts_answer_404(pool: PgPool) {
     .await;
     assert_error(app.get("/v1/jobs/123").await, 404, "not_found").await;
 }
+
+#[sqlx::test]
+async fn polling_a_job_gets_304_until_it_changes(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(17)).await;
+    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
+    let path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+
+    let r = app.get(&path).await;
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let again = app
+        .client
+        .get(app.url(&path))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    assert!(again.bytes().await.unwrap().is_empty());
+
+    app.client
+        .post(app.url(&format!("{path}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    let changed = app
+        .client
+        .get(app.url(&path))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"].to_str().unwrap(), etag);
+}
+
+#[sqlx::test]
+async fn the_event_stream_follows_a_job_to_its_end(pool: PgPool) {
+    use futures::StreamExt;
+    let app = TestApp::spawn(pool).await;
+    let model_id = app.upload_ok(tiny_mlp_bytes(18)).await;
+    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
+    let id = job["id"].as_str().unwrap();
+
+    let r = app.get(&format!("/v1/jobs/{id}/events")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut stream = r.bytes_stream();
+    let mut text = String::new();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("the stream ends with the job");
+    let states: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| {
+            serde_json::from_str::<Value>(d).unwrap()["state"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(!states.is_empty(), "{text}");
+    assert_eq!(states.last().unwrap(), "succeeded", "{states:?}");
+    assert!(text.contains("event: job"));
+    assert_error(
+        app.get(&format!("/v1/jobs/{}/events", uuid::Uuid::new_v4())).await,
+        404,
+        "not_found",
+    )
+    .await;
+    app.stop().await;
+}

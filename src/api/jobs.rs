@@ -139,6 +139,13 @@ async fn one(state: &AppState, tenant: Tenant, row: JobRow) -> ApiResult<Job> {
     Ok(with_artifacts(state, tenant, vec![row]).await?.remove(0))
 }
 
+/// A job as the API shows it, serialized: what `GET /v1/jobs/{id}` returns and the event stream
+/// sends.
+pub async fn job_json(pool: &sqlx::PgPool, row: JobRow) -> ApiResult<String> {
+    let arts = artifacts::list_for_jobs(pool, row.tenant_id, &[row.id]).await?;
+    serde_json::to_string(&Job::new(row, arts)).map_err(|e| ApiError::Internal(e.into()))
+}
+
 /// The client's `Idempotency-Key`: 1 to 255 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
     let Some(value) = headers.get("idempotency-key") else {
@@ -342,9 +349,32 @@ async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<JobRow> {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-pub async fn get(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {
+/// The job, with an `ETag` of its content so a polling dashboard gets `304 Not Modified` (and no
+/// body) until something changes.
+pub async fn get(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let row = find(&state, tenant, id).await?;
-    Ok(axum::Json(one(&state, tenant, row).await?))
+    let json = job_json(&state.pool, row).await?;
+    let etag = format!("\"{}\"", &hex::encode(Sha256::digest(json.as_bytes()))[..32]);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    if matches {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    Ok((
+        [
+            (header::ETAG, etag),
+            (header::CONTENT_TYPE, "application/json".to_string()),
+        ],
+        json,
+    )
+        .into_response())
 }
 
 pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<Uuid>) -> ApiResult<axum::Json<Job>> {

@@ -5,6 +5,7 @@ mod capabilities;
 mod datasets;
 mod download;
 pub mod error;
+pub mod events;
 pub mod extract;
 mod health;
 mod jobs;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// ONNX Runtime as this process found it: its version, or why it could not be loaded.
     pub runtime: Arc<Result<crate::eval::Runtime, String>>,
+    /// Ids of jobs that just changed (fed by the LISTEN relay in `events`).
+    pub events: tokio::sync::broadcast::Sender<uuid::Uuid>,
 }
 
 /// Builds the router while recording every (method, path) it serves, so the OpenAPI document can be
@@ -86,6 +89,7 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs", routing::get(jobs::list))
         .add(M::GET, "/v1/jobs/{id}", routing::get(jobs::get))
         .add(M::POST, "/v1/jobs/{id}/cancel", routing::post(jobs::cancel))
+        .add(M::GET, "/v1/jobs/{id}/events", routing::get(events::job_events))
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
         .add(M::GET, "/v1/jobs/{id}/report.html", routing::get(jobs::report_html))
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
