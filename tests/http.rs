@@ -54,3 +54,14 @@ async fn every_response_carries_a_request_id_and_echoes_the_clients(pool: PgPool
         .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-me-42");
 }
+
+#[sqlx::test]
+async fn the_dashboard_is_one_self_contained_page(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    let r = app.get("/").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    assert!(html.contains("data-testid=\"upload-model\"") && html.contains("/v1/jobs"));
+    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script src"));
+}

@@ -65,6 +65,7 @@ impl Routes {
 fn routes() -> Routes {
     use axum::http::Method as M;
     Routes::new()
+        .add(M::GET, "/", routing::get(dashboard))
         .add(M::GET, "/healthz", routing::get(health::healthz))
         .add(M::GET, "/readyz", routing::get(health::readyz))
         .add(M::GET, "/v1/capabilities", routing::get(capabilities::capabilities))
@@ -119,6 +120,12 @@ pub fn app(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The dashboard: one self-contained page (inline CSS and JavaScript, no external resources)
+/// compiled into the binary.
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
 }
 
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
