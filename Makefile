@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help setup run test lint check build bench clean-data
+.PHONY: help setup run test lint check build bench e2e clean-data
 
 help:
 	@echo "make run    - build and serve on 127.0.0.1:8080 (API + workers)"
@@ -36,6 +36,11 @@ check: test
 
 bench: setup
 	bench/run.sh
+
+# Browser test of the dashboard in headless Chromium (installs Debian's chromium and
+# playwright-core); screenshots in target/e2e/. Not part of `make test`.
+e2e: setup
+	tests/e2e/run.sh
 
 clean-data:
 	rm -rf data
