@@ -53,6 +53,7 @@ pub async fn run(
             config: config.clone(),
             runtime: Arc::new(runtime),
             events,
+            http_metrics: Default::default(),
         };
         let app = api::app(state);
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");

@@ -65,3 +65,35 @@ async fn the_dashboard_is_one_self_contained_page(pool: PgPool) {
     assert!(html.contains("data-testid=\"upload-model\"") && html.contains("/v1/jobs"));
     assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("<script src"));
 }
+
+#[sqlx::test]
+async fn metrics_count_requests_by_route_template_and_report_the_queue(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    let model_id = app.upload_ok(common::tiny_mlp_bytes(1)).await;
+    for _ in 0..3 {
+        app.get(&format!("/v1/models/{model_id}")).await;
+    }
+    app.get(&format!("/v1/models/{}", uuid::Uuid::new_v4())).await;
+    app.submit(serde_json::json!({"model_id": model_id, "recipe": [{"pass": "optimize"}]}))
+        .await;
+
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_string);
+    assert_eq!(
+        line("modelpress_http_requests_total{method=\"GET\",route=\"/v1/models/{id}\",status=\"200\"}").as_deref(),
+        Some("modelpress_http_requests_total{method=\"GET\",route=\"/v1/models/{id}\",status=\"200\"} 3")
+    );
+    assert!(line("modelpress_http_requests_total{method=\"GET\",route=\"/v1/models/{id}\",status=\"404\"}").is_some());
+    assert!(!text.contains(&model_id), "raw paths never become labels");
+    assert_eq!(
+        line("modelpress_jobs{state=\"queued\"}").as_deref(),
+        Some("modelpress_jobs{state=\"queued\"} 1")
+    );
+    assert_eq!(
+        line("modelpress_queue_depth").as_deref(),
+        Some("modelpress_queue_depth 1")
+    );
+    assert!(line("modelpress_storage_bytes{kind=\"models\"}").is_some_and(|l| !l.ends_with(" 0")));
+}

@@ -9,6 +9,7 @@ pub mod events;
 pub mod extract;
 mod health;
 mod jobs;
+pub mod metrics;
 mod models;
 mod upload;
 
@@ -38,6 +39,7 @@ pub struct AppState {
     pub runtime: Arc<Result<crate::eval::Runtime, String>>,
     /// Ids of jobs that just changed (fed by the LISTEN relay in `events`).
     pub events: tokio::sync::broadcast::Sender<uuid::Uuid>,
+    pub http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 /// Builds the router while recording every (method, path) it serves, so the OpenAPI document can be
@@ -68,6 +70,7 @@ fn routes() -> Routes {
         .add(M::GET, "/", routing::get(dashboard))
         .add(M::GET, "/healthz", routing::get(health::healthz))
         .add(M::GET, "/readyz", routing::get(health::readyz))
+        .add(M::GET, "/metrics", routing::get(metrics::metrics))
         .add(M::GET, "/v1/capabilities", routing::get(capabilities::capabilities))
         .add(
             M::POST,
@@ -108,6 +111,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_json))
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
         .layer(middleware::from_fn(errors_as_json))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
