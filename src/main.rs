@@ -29,6 +29,13 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    Api,
+    Worker,
+    All,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP API (and, unless disabled, job workers).
@@ -37,9 +44,13 @@ enum Command {
         listen: Option<SocketAddr>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Serve the API only; run workers elsewhere with `modelpress worker`.
+        /// Serve the API only; run workers elsewhere with `modelpress worker` (same as --role api).
         #[arg(long)]
         no_worker: bool,
+        /// api: HTTP only; worker: job workers only; all: both (default). Any number of API and
+        /// worker processes can share one database and one store.
+        #[arg(long, value_enum, default_value = "all")]
+        role: Role,
     },
     /// Run job workers only.
     Worker {
@@ -153,6 +164,7 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
             listen,
             data_dir,
             no_worker,
+            role,
         } => {
             if let Some(l) = listen {
                 config.server.listen = l;
@@ -160,7 +172,9 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
             if let Some(d) = data_dir {
                 config.server.data_dir = d;
             }
-            (true, config.worker.enabled && !no_worker)
+            let api = role != Role::Worker;
+            let workers = role != Role::Api && !no_worker && (config.worker.enabled || role == Role::Worker);
+            (api, workers)
         }
         Command::Worker { data_dir } => {
             if let Some(d) = data_dir {

@@ -495,3 +495,47 @@ async fn sigterm_to_a_worker_process_releases_its_running_job(pool: PgPool) {
     assert_eq!(row.state, JobState::Queued, "released for another worker");
     assert_eq!(row.attempt, 0);
 }
+
+#[sqlx::test]
+async fn a_cpu_worker_leaves_cuda_jobs_for_a_cuda_worker(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool.clone()).await;
+    let model_id: uuid::Uuid = app.upload_ok(tiny_mlp_bytes(12)).await.parse().unwrap();
+    let recipe = json!([{"pass": "optimize"}]);
+    for provider in ["cuda", "cpu"] {
+        let evaluation = json!({"task": "generic", "label_key": "labels", "calibration_fraction": 0.2, "seed": 42,
+                                "execution_provider": provider});
+        let new = NewJob {
+            tenant_id: DEFAULT_TENANT,
+            model_id,
+            recipe: &recipe,
+            priority: if provider == "cuda" { 10 } else { 0 },
+            max_attempts: 1,
+            timeout_s: 60,
+            dataset_id: None,
+            evaluation: &evaluation,
+            idempotency: None,
+        };
+        queue::enqueue(&pool, new).await.unwrap();
+    }
+    let cpu_only = vec!["cpu".to_string()];
+    let got = queue::claim_for(&pool, "cpu-worker", 60, Some(&cpu_only))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.evaluation.0["execution_provider"], "cpu",
+        "the higher-priority CUDA job is skipped"
+    );
+    assert!(
+        queue::claim_for(&pool, "cpu-worker", 60, Some(&cpu_only))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let gpu = vec!["cpu".to_string(), "cuda".to_string()];
+    let got = queue::claim_for(&pool, "gpu-worker", 60, Some(&gpu))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.evaluation.0["execution_provider"], "cuda");
+}

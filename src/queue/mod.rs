@@ -201,6 +201,17 @@ pub async fn list(
 
 /// Claims the most urgent runnable job (priority, then age) for `worker`, leased for `lease_s`.
 pub async fn claim(pool: &PgPool, worker: &str, lease_s: u64) -> Result<Option<JobRow>, sqlx::Error> {
+    claim_for(pool, worker, lease_s, None).await
+}
+
+/// Like [`claim`], restricted to jobs whose execution provider is in `providers` (a CPU-only
+/// worker leaves CUDA jobs for a CUDA worker). `None` claims any job.
+pub async fn claim_for(
+    pool: &PgPool,
+    worker: &str,
+    lease_s: u64,
+    providers: Option<&[String]>,
+) -> Result<Option<JobRow>, sqlx::Error> {
     sqlx::query_as(
         "UPDATE jobs SET
              state = 'running',
@@ -213,6 +224,7 @@ pub async fn claim(pool: &PgPool, worker: &str, lease_s: u64) -> Result<Option<J
          WHERE id = (
              SELECT id FROM jobs
              WHERE state = 'queued' AND scheduled_at <= now()
+               AND ($3::text[] IS NULL OR COALESCE(evaluation->>'execution_provider', 'cpu') = ANY($3))
              ORDER BY priority DESC, scheduled_at, created_at
              LIMIT 1
              FOR UPDATE SKIP LOCKED
@@ -221,6 +233,7 @@ pub async fn claim(pool: &PgPool, worker: &str, lease_s: u64) -> Result<Option<J
     )
     .bind(worker)
     .bind(lease_s as f64)
+    .bind(providers)
     .fetch_optional(pool)
     .await
 }

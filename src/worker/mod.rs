@@ -29,6 +29,8 @@ pub struct WorkerContext {
     /// Program run as `<runner> [--config FILE] compress ... --events` for each attempt.
     pub runner: PathBuf,
     pub worker_id: String,
+    /// Execution providers this worker's ONNX Runtime offers; it claims only jobs it can run.
+    pub providers: Vec<String>,
 }
 
 impl WorkerContext {
@@ -39,11 +41,17 @@ impl WorkerContext {
             PathBuf::from(&config.worker.runner)
         };
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        let providers = match crate::eval::Runtime::init(&config.onnxruntime.dylib_path) {
+            Ok(rt) => rt.providers().iter().map(|p| p.as_str().to_string()).collect(),
+            // Without ORT nothing can run; claim CPU jobs so they fail with the reason.
+            Err(_) => vec!["cpu".into()],
+        };
         Ok(WorkerContext {
             pool,
             storage,
             config,
             runner,
+            providers,
             worker_id: format!(
                 "{host}:{}:{}",
                 std::process::id(),
@@ -56,7 +64,13 @@ impl WorkerContext {
 /// Runs the worker until `shutdown` fires and every running job has finished or been released.
 pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
     let cfg = &ctx.config.worker;
-    tracing::info!(worker = %ctx.worker_id, concurrency = cfg.concurrency, runner = %ctx.runner.display(), "worker started");
+    tracing::info!(
+        worker = %ctx.worker_id,
+        concurrency = cfg.concurrency,
+        providers = ?ctx.providers,
+        runner = %ctx.runner.display(),
+        "worker started"
+    );
     let slots = Arc::new(Semaphore::new(cfg.concurrency));
     let mut running = JoinSet::new();
     let rescuer = tokio::spawn(rescue_loop(ctx.clone(), shutdown.clone()));
@@ -69,7 +83,7 @@ pub async fn run(ctx: WorkerContext, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
         };
         while running.try_join_next().is_some() {}
-        match queue::claim(&ctx.pool, &ctx.worker_id, cfg.lease_s).await {
+        match queue::claim_for(&ctx.pool, &ctx.worker_id, cfg.lease_s, Some(&ctx.providers)).await {
             Ok(Some(job)) => {
                 let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt);
                 let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
