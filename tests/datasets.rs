@@ -23,6 +23,24 @@ async fn upload_dataset(app: &TestApp, bytes: Vec<u8>) -> reqwest::Response {
         .unwrap()
 }
 
+/// Uploads the digits model and test set, runs `recipe` as a classification job with `extra`
+/// fields, and returns the report of the job, which must succeed.
+async fn digits_job_report(app: &TestApp, recipe: Value, extra: Value) -> Value {
+    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
+    let dataset: Value = upload_dataset(app, fixture("test.npz")).await.json().await.unwrap();
+    let mut body =
+        json!({"model_id": model_id, "recipe": recipe, "dataset_id": dataset["id"], "task": "classification"});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let job: Value = app.submit(body).await.json().await.unwrap();
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    app.get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 fn f32s(n: usize, value: f32) -> Vec<u8> {
     (0..n).flat_map(|_| value.to_le_bytes()).collect()
 }
@@ -286,27 +304,12 @@ async fn capabilities_list_what_this_server_can_measure_on(pool: PgPool) {
 #[sqlx::test]
 async fn int8_dynamic_quantization_keeps_the_digits_accuracy(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
-    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
-    let job = app
-        .submit(json!({
-            "model_id": model_id,
-            "recipe": [{"pass": "quantize_int8_dynamic", "per_channel": true}],
-            "dataset_id": dataset["id"],
-            "task": "classification",
-        }))
-        .await
-        .json::<Value>()
-        .await
-        .unwrap();
-    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let report: Value = app
-        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let report = digits_job_report(
+        &app,
+        json!([{"pass": "quantize_int8_dynamic", "per_channel": true}]),
+        json!({}),
+    )
+    .await;
     let delta = report["comparison"]["delta"].as_f64().unwrap();
     assert!(
         delta.abs() <= 0.01,
@@ -321,27 +324,8 @@ async fn int8_dynamic_quantization_keeps_the_digits_accuracy(pool: PgPool) {
 #[sqlx::test]
 async fn int4_weight_only_keeps_most_of_the_digits_accuracy(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
-    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
-    let job = app
-        .submit(json!({
-            "model_id": model_id,
-            "recipe": [{"pass": "quantize_int4_weight_only", "block_size": 32, "symmetric": false}],
-            "dataset_id": dataset["id"],
-            "task": "classification",
-        }))
-        .await
-        .json::<Value>()
-        .await
-        .unwrap();
-    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let report: Value = app
-        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let recipe = json!([{"pass": "quantize_int4_weight_only", "block_size": 32, "symmetric": false}]);
+    let report = digits_job_report(&app, recipe, json!({})).await;
     let delta = report["comparison"]["delta"].as_f64().unwrap();
     assert!(
         delta.abs() <= 0.03,
@@ -355,28 +339,8 @@ async fn int4_weight_only_keeps_most_of_the_digits_accuracy(pool: PgPool) {
 #[sqlx::test]
 async fn static_int8_calibrates_on_a_split_it_never_evaluates_on(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let model_id = app.upload_ok(fixture("mlp.onnx")).await;
-    let dataset: Value = upload_dataset(&app, fixture("test.npz")).await.json().await.unwrap();
-    let job = app
-        .submit(json!({
-            "model_id": model_id,
-            "recipe": [{"pass": "quantize_int8_static", "calibration": "percentile", "per_channel": true}],
-            "dataset_id": dataset["id"],
-            "task": "classification",
-            "calibration_fraction": 0.25,
-        }))
-        .await
-        .json::<Value>()
-        .await
-        .unwrap();
-    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let report: Value = app
-        .get(&format!("/v1/jobs/{}/report", job["id"].as_str().unwrap()))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let recipe = json!([{"pass": "quantize_int8_static", "calibration": "percentile", "per_channel": true}]);
+    let report = digits_job_report(&app, recipe, json!({"calibration_fraction": 0.25})).await;
     assert_eq!(report["evaluation"]["calibration_samples"], 135);
     assert_eq!(report["evaluation"]["evaluation_samples"], 405);
     assert_eq!(
