@@ -127,7 +127,30 @@ async fn tar_and_multipart_bundles_upload_too(pool: PgPool) {
         tar_of(&[("dir/m.onnx", &model), ("dir/m.onnx.data", &data)], None),
     )
     .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    assert_eq!(r.status(), 201);
+    let uploaded: Value = r.json().await.unwrap();
+    // The bundle comes back as uploaded: the .onnx from /content, each data file from /files.
+    let id = uploaded["id"].as_str().unwrap();
+    let content = app
+        .get(&format!("/v1/models/{id}/content"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(content.to_vec(), model);
+    let file = app
+        .get(&format!("/v1/models/{id}/files/m.onnx.data"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(file.to_vec(), data);
+    assert_error(
+        app.get(&format!("/v1/models/{id}/files/other.bin")).await,
+        404,
+        "not_found",
+    )
+    .await;
 
     let form = reqwest::multipart::Form::new()
         .part(

@@ -19,7 +19,7 @@ fn every_route_is_in_the_openapi_spec_and_every_spec_path_is_routed() {
     }
     let routed: BTreeSet<(String, String)> = modelpress::api::route_table()
         .into_iter()
-        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .map(|(m, p)| (m.to_string(), p))
         .collect();
     let missing_from_spec: Vec<_> = routed.difference(&documented).collect();
     let missing_from_router: Vec<_> = documented.difference(&routed).collect();

@@ -81,6 +81,7 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/models/{id}", routing::get(models::get))
         .add(M::DELETE, "/v1/models/{id}", routing::delete(models::delete))
         .add(M::GET, "/v1/models/{id}/content", routing::get(models::content))
+        .add(M::GET, "/v1/models/{id}/files/{*path}", routing::get(models::file))
         .add(
             M::POST,
             "/v1/datasets",
@@ -99,9 +100,14 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
 }
 
-/// Every (method, path) the API serves, in OpenAPI path syntax.
-pub fn route_table() -> Vec<(Method, &'static str)> {
-    routes().table
+/// Every (method, path) the API serves, in OpenAPI path syntax (a `{*rest}` wildcard is written
+/// `{rest}` there).
+pub fn route_table() -> Vec<(Method, String)> {
+    routes()
+        .table
+        .into_iter()
+        .map(|(m, p)| (m, p.replace("{*", "{")))
+        .collect()
 }
 
 pub fn app(state: AppState) -> Router {

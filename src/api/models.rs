@@ -373,13 +373,42 @@ pub async fn content(
     headers: HeaderMap,
 ) -> ApiResult<Response<Body>> {
     let model = find(&state, tenant, id).await?;
+    // size_bytes counts a bundle's data files too; the .onnx alone is what is sent here.
+    let size = state.storage.size(&model.storage_key).await?;
     download::serve(
         &state,
         &headers,
         download::Object {
             key: &model.storage_key,
-            size: model.size_bytes as u64,
+            size,
             sha256: &model.sha256,
+            content_type: "application/octet-stream",
+        },
+    )
+    .await
+}
+
+/// One external-data file of a bundle model, by the location its model gives for it.
+pub async fn file(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path((id, path)): Path<(Uuid, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response<Body>> {
+    let model = find(&state, tenant, id).await?;
+    let file = model
+        .files
+        .0
+        .iter()
+        .find(|f| f.path == path)
+        .ok_or_else(|| ApiError::NotFound(format!("model {id} has no file {path:?}")))?;
+    download::serve(
+        &state,
+        &headers,
+        download::Object {
+            key: &file.storage_key,
+            size: file.size_bytes as u64,
+            sha256: &file.sha256,
             content_type: "application/octet-stream",
         },
     )
