@@ -50,6 +50,6 @@ clean-data:
 .PHONY: bench-quick
 bench-quick: setup
 	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
-	  $(CARGO) build --release --examples >&2 && \
+	  $(CARGO) build --release --bin modelpress --examples >&2 && \
 	  ./target/release/examples/queue_bench && \
 	  SERVICE_BENCH_QUICK=1 bench/service_bench.sh

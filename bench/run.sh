@@ -7,7 +7,7 @@ scripts/ensure-python.sh
 export DATABASE_URL="${DATABASE_URL:-$(scripts/ensure-postgres.sh)}"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/ort-dylib.sh)}"
 export MODELPRESS_MODELS_DIR="${MODELPRESS_MODELS_DIR:-$(scripts/fetch-models.sh)}"
-cargo build --release --examples >&2
+cargo build --release --bin modelpress --examples >&2
 
 out=BENCHMARKS.md.tmp
 {
@@ -23,6 +23,7 @@ out=BENCHMARKS.md.tmp
   ./target/release/examples/queue_bench
   ./target/release/examples/onnx_bench
   .venv/bin/python bench/quantize_vs_python.py
+  .venv/bin/python bench/physical_reference.py
   bench/service_bench.sh
 } > "$out"
 mv "$out" BENCHMARKS.md
