@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::weights::{constant, int_attr, node_of, sanitize, skipped_notes, tensor};
 use super::{Pass, PassContext, PassError, PassOutput};
-use crate::eval::inputs::{InputTensor, TensorData};
+use crate::eval::inputs::TensorData;
 use crate::eval::session::PreparedInputs;
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -691,12 +691,6 @@ fn entropy_threshold(hist: &[u64]) -> f32 {
         }
     }
     best.1 as f32 / hist.len() as f32
-}
-
-/// Inputs in the calibration set are float32 (checked per value in `calibrate`).
-#[allow(dead_code)]
-fn is_float(t: &InputTensor) -> bool {
-    matches!(t.data, TensorData::F32(_))
 }
 
 #[cfg(test)]
