@@ -3,6 +3,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/onnx.proto");
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // `bytes` fields (tensor raw_data above all) as `bytes::Bytes`: decoding from a `Bytes` buffer then
+    // shares it instead of copying every weight, so a model costs its size in memory once, not twice.
+    prost_build::Config::new().bytes(["."]).compile_fds(descriptors)?;
     Ok(())
 }

@@ -259,10 +259,7 @@ async fn store_model(
     let path = model_path.to_path_buf();
     let checked = tokio::task::spawn_blocking(move || -> Result<_, crate::onnx::OnnxError> {
         onnx::precheck(&path)?;
-        let model = onnx::decode(&std::fs::read(&path).map_err(|source| crate::onnx::OnnxError::Io {
-            path: path.display().to_string(),
-            source,
-        })?)?;
+        let model = onnx::read(&path)?;
         let dir = path.parent().expect("the model sits in its upload folder");
         let used = external::check(&model, dir)?;
         Ok((ModelSummary::of(&model), used))

@@ -226,7 +226,7 @@ fn to_half(t: &mut TensorProto, clamped: &mut u64) {
             f16::from_f32(c).to_le_bytes()
         })
         .collect();
-    t.raw_data = Some(raw);
+    t.raw_data = Some(raw.into());
     t.float_data.clear();
     t.data_type = Some(HALF);
 }

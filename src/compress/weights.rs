@@ -95,7 +95,7 @@ pub fn tensor(name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>) -> Te
         name: Some(name.into()),
         dims: dims.to_vec(),
         data_type: Some(data_type as i32),
-        raw_data: Some(raw),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }

@@ -173,7 +173,7 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
     check(model, dir)?;
     for_each_tensor_mut(model, &mut |t| {
         if is_external(t) {
-            t.raw_data = Some(read(t, dir)?);
+            t.raw_data = Some(read(t, dir)?.into());
             t.external_data.clear();
             t.data_location = None;
         }

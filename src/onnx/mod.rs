@@ -114,21 +114,34 @@ pub fn precheck(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Decodes and validates a model held in memory.
+/// Decodes and validates a model held in memory (its tensor data is copied out of `bytes`).
 pub fn decode(bytes: &[u8]) -> Result<ModelProto> {
     let model = ModelProto::decode(bytes)?;
     validate(&model)?;
     Ok(model)
 }
 
-/// Reads, decodes and validates a model file, and checks its external data files (if any) in the
-/// model's folder.
-pub fn load(path: &Path) -> Result<ModelProto> {
+/// Decodes and validates a model from a buffer it may keep: tensor data shares the buffer instead
+/// of being copied, so a model costs about its file size in memory.
+pub fn decode_shared(bytes: bytes::Bytes) -> Result<ModelProto> {
+    let model = ModelProto::decode(bytes)?;
+    validate(&model)?;
+    Ok(model)
+}
+
+/// Reads a model file and decodes it sharing the file's bytes (no external-data check).
+pub fn read(path: &Path) -> Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(|source| OnnxError::Io {
         path: path.display().to_string(),
         source,
     })?;
-    let model = decode(&bytes)?;
+    decode_shared(bytes.into())
+}
+
+/// Reads, decodes and validates a model file, and checks its external data files (if any) in the
+/// model's folder.
+pub fn load(path: &Path) -> Result<ModelProto> {
+    let model = read(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -281,7 +281,7 @@ mod tests {
             name: Some("w".into()),
             dims: dims.to_vec(),
             data_type: Some(data_type as i32),
-            raw_data: raw,
+            raw_data: raw.map(Into::into),
             ..Default::default()
         }
     }

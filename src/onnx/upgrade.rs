@@ -101,7 +101,7 @@ pub fn to_opset(
                     constants.push(TensorProto {
                         name: Some(name.clone()),
                         data_type: Some(DataType::Float as i32),
-                        raw_data: Some(r.to_le_bytes().to_vec()),
+                        raw_data: Some(r.to_le_bytes().to_vec().into()),
                         ..Default::default()
                     });
                     graph.node[i].input.truncate(1);
