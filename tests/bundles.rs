@@ -6,8 +6,6 @@ mod common;
 use std::io::Write;
 
 use common::{TestApp, assert_error};
-use modelpress::onnx::proto::StringStringEntryProto;
-use modelpress::onnx::proto::tensor_proto::DataLocation;
 use modelpress::onnx::{self, builder, external};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -28,20 +26,12 @@ fn external_mlp(seed: u64) -> (Vec<u8>, Vec<u8>) {
 /// The tiny MLP whose first weight claims to live at `location`, bytes `offset..offset+length`.
 fn mlp_pointing_at(location: &str, offset: u64, length: u64) -> Vec<u8> {
     let mut model = builder::tiny_mlp(1);
-    let w1 = &mut model.graph.as_mut().unwrap().initializer[0];
-    w1.raw_data = None;
-    w1.data_location = Some(DataLocation::External as i32);
-    w1.external_data = [
-        ("location", location.to_string()),
-        ("offset", offset.to_string()),
-        ("length", length.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| StringStringEntryProto {
-        key: Some(k.into()),
-        value: Some(v),
-    })
-    .collect();
+    external::point_to(
+        &mut model.graph.as_mut().unwrap().initializer[0],
+        location,
+        offset,
+        length,
+    );
     onnx::encode(&model)
 }
 

@@ -181,6 +181,24 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
     })
 }
 
+/// Makes `t` an external tensor whose bytes are `offset..offset+length` of `location` (its inline
+/// data is dropped).
+pub fn point_to(t: &mut TensorProto, location: &str, offset: u64, length: u64) {
+    t.raw_data = None;
+    t.data_location = Some(DataLocation::External as i32);
+    t.external_data = [
+        ("location", location.to_string()),
+        ("offset", offset.to_string()),
+        ("length", length.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| StringStringEntryProto {
+        key: Some(k.into()),
+        value: Some(v),
+    })
+    .collect();
+}
+
 /// Writes `model` to `path`. Tensors of at least `min_bytes` move to one data file beside it
 /// (`<file name>.data`, each tensor 64-byte aligned) when `min_bytes` is given, or automatically
 /// when the model would not fit in one protobuf.
@@ -213,18 +231,9 @@ pub fn save(model: &ModelProto, path: &Path, min_bytes: Option<u64>) -> Result<(
         data.write_all(&vec![0u8; pad as usize]).map_err(io(&data_path))?;
         offset += pad;
         data.write_all(raw).map_err(io(&data_path))?;
-        let entry = |k: &str, v: String| StringStringEntryProto {
-            key: Some(k.into()),
-            value: Some(v),
-        };
-        t.external_data = vec![
-            entry("location", file_name.clone()),
-            entry("offset", offset.to_string()),
-            entry("length", raw.len().to_string()),
-        ];
-        offset += raw.len() as u64;
-        t.raw_data = None;
-        t.data_location = Some(DataLocation::External as i32);
+        let length = raw.len() as u64;
+        point_to(t, &file_name, offset, length);
+        offset += length;
         Ok(())
     })?;
     data.flush().map_err(io(&data_path))?;
@@ -237,20 +246,12 @@ mod tests {
     use crate::onnx::builder;
 
     fn point_w1_at(model: &mut ModelProto, location: &str, offset: u64, length: u64) {
-        let w1 = &mut model.graph.as_mut().unwrap().initializer[0];
-        w1.raw_data = None;
-        w1.data_location = Some(DataLocation::External as i32);
-        w1.external_data = [
-            ("location", location.to_string()),
-            ("offset", offset.to_string()),
-            ("length", length.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| StringStringEntryProto {
-            key: Some(k.into()),
-            value: Some(v),
-        })
-        .collect();
+        point_to(
+            &mut model.graph.as_mut().unwrap().initializer[0],
+            location,
+            offset,
+            length,
+        );
     }
 
     #[test]
