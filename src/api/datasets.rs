@@ -10,10 +10,9 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query, Tenant};
-use super::models::{Page, PageQuery, next_cursor};
+use super::models::{Page, PageQuery, page};
 use super::upload;
 use crate::db::datasets::{self as db_datasets, DatasetRow, DeleteOutcome, NewDataset};
-use crate::db::page::Cursor;
 use crate::eval::npz::{self, NpyArray, NpzError};
 use crate::storage;
 
@@ -146,14 +145,7 @@ pub async fn list(
 ) -> ApiResult<axum::Json<Page<Dataset>>> {
     let (limit, cursor) = q.parse()?;
     let rows = db_datasets::list(&state.pool, tenant.0, limit, cursor).await?;
-    let next_cursor = next_cursor(&rows, limit, |r| Cursor {
-        created_at: r.created_at,
-        id: r.id,
-    });
-    Ok(axum::Json(Page {
-        items: rows.into_iter().map(Dataset::from).collect(),
-        next_cursor,
-    }))
+    Ok(axum::Json(page(rows, limit, |r| (r.created_at, r.id), Dataset::from)))
 }
 
 pub async fn get(

@@ -97,6 +97,23 @@ impl PageQuery {
     }
 }
 
+/// A page of API items from database rows, with the cursor of the last row when the page is full.
+pub fn page<R, T>(
+    rows: Vec<R>,
+    limit: i64,
+    key: impl Fn(&R) -> (DateTime<Utc>, Uuid),
+    item: impl Fn(R) -> T,
+) -> Page<T> {
+    let next_cursor = next_cursor(&rows, limit, |r| {
+        let (created_at, id) = key(r);
+        Cursor { created_at, id }
+    });
+    Page {
+        items: rows.into_iter().map(item).collect(),
+        next_cursor,
+    }
+}
+
 /// The next cursor when the page is full (there may be more rows after it).
 pub fn next_cursor<T>(rows: &[T], limit: i64, key: impl Fn(&T) -> Cursor) -> Option<String> {
     (rows.len() as i64 == limit)
@@ -343,14 +360,7 @@ pub async fn list(
 ) -> ApiResult<axum::Json<Page<Model>>> {
     let (limit, cursor) = q.parse()?;
     let rows = db_models::list(&state.pool, tenant.0, limit, cursor).await?;
-    let next_cursor = next_cursor(&rows, limit, |r| Cursor {
-        created_at: r.created_at,
-        id: r.id,
-    });
-    Ok(axum::Json(Page {
-        items: rows.into_iter().map(Model::from).collect(),
-        next_cursor,
-    }))
+    Ok(axum::Json(page(rows, limit, |r| (r.created_at, r.id), Model::from)))
 }
 
 async fn find(state: &AppState, tenant: Tenant, id: Uuid) -> ApiResult<ModelRow> {
