@@ -130,10 +130,15 @@ async fn the_digits_classifier_scores_what_its_training_script_measured(pool: Pg
         html.contains(&format!("data-label=\"result\" data-size=\"{size}\"")),
         "scatter point for the result"
     );
-    assert!(
-        html.contains(&format!("data-ms=\"{}\"", report["result"]["latency"]["p50_ms"])),
-        "p50 bar"
-    );
+    // The p50 bar carries the exact number (compared as f64: JSON and HTML may spell it differently,
+    // e.g. 1e-3 vs 0.001).
+    let p50 = report["result"]["latency"]["p50_ms"].as_f64().unwrap();
+    let bars: Vec<f64> = html
+        .split("data-ms=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next()?.parse().ok())
+        .collect();
+    assert!(bars.contains(&p50), "no bar for p50 {p50}: {bars:?}");
     app.stop().await;
 }
 
