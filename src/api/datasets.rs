@@ -12,7 +12,8 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query, Tenant};
 use super::models::{Page, PageQuery, page};
 use super::upload;
-use crate::db::datasets::{self as db_datasets, DatasetRow, DeleteOutcome, NewDataset};
+use crate::db::DeleteOutcome;
+use crate::db::datasets::{self as db_datasets, DatasetRow, NewDataset};
 use crate::eval::npz::{self, NpyArray, NpzError};
 use crate::storage;
 

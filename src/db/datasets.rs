@@ -5,6 +5,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::DeleteOutcome;
 use super::page::Cursor;
 use crate::eval::npz::NpyArray;
 
@@ -76,12 +77,6 @@ pub async fn list(
     .bind(limit)
     .fetch_all(pool)
     .await
-}
-
-pub enum DeleteOutcome {
-    Deleted,
-    NotFound,
-    InUse,
 }
 
 /// Deletes the dataset unless a queued or running job still needs it.

@@ -10,6 +10,15 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+/// What deleting a model or dataset did; shared so both endpoints answer alike.
+pub enum DeleteOutcome {
+    /// Deleted; the caller removes the stored bytes.
+    Deleted,
+    NotFound,
+    /// A queued or running job still needs the row.
+    InUse,
+}
+
 /// The built-in tenant that owns everything until API keys exist.
 pub const DEFAULT_TENANT: Uuid = Uuid::from_u128(1);
 

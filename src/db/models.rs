@@ -5,6 +5,7 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 use uuid::Uuid;
 
+use super::DeleteOutcome;
 use super::page::Cursor;
 use crate::onnx::ModelSummary;
 
@@ -87,14 +88,6 @@ pub async fn list(
     .bind(limit)
     .fetch_all(pool)
     .await
-}
-
-pub enum DeleteOutcome {
-    /// Deleted; the caller removes the model's bytes.
-    Deleted,
-    NotFound,
-    /// A queued or running job still needs the model.
-    InUse,
 }
 
 pub async fn delete(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<DeleteOutcome, sqlx::Error> {
