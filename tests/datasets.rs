@@ -280,11 +280,7 @@ async fn datasets_list_get_and_delete_unless_in_use(pool: PgPool) {
         .await
         .unwrap();
     assert_error(r, 409, "dataset_in_use").await;
-    app.client
-        .post(app.url(&format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap();
+    app.cancel(job["id"].as_str().unwrap()).await;
     let r = app
         .client
         .delete(app.url(&format!("/v1/datasets/{id}")))

@@ -215,30 +215,15 @@ async fn a_queued_job_can_be_cancelled_once(pool: PgPool) {
     let id = job["id"].as_str().unwrap();
     assert_error(app.get(&format!("/v1/jobs/{id}/report")).await, 409, "job_not_finished").await;
 
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(id).await;
     assert_eq!(r.status(), 200);
     let cancelled: Value = r.json().await.unwrap();
     assert_eq!(cancelled["state"], "cancelled");
     assert!(cancelled["finished_at"].is_string());
 
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(id).await;
     assert_error(r, 409, "job_finished").await;
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/jobs/{}/cancel", uuid::Uuid::new_v4())))
-        .send()
-        .await
-        .unwrap();
+    let r = app.cancel(uuid::Uuid::new_v4()).await;
     assert_error(r, 404, "not_found").await;
 }
 
@@ -255,11 +240,7 @@ async fn jobs_list_newest_first_filtered_by_state_with_cursors(pool: PgPool) {
                 .to_string(),
         );
     }
-    app.client
-        .post(app.url(&format!("/v1/jobs/{}/cancel", ids[0])))
-        .send()
-        .await
-        .unwrap();
+    app.cancel(&ids[0]).await;
 
     let page1: Value = app.get("/v1/jobs?limit=2").await.json().await.unwrap();
     let got: Vec<&str> = page1["items"]

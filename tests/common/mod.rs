@@ -79,6 +79,14 @@ impl TestApp {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    pub async fn cancel(&self, job_id: impl std::fmt::Display) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/jobs/{job_id}/cancel")))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn upload(&self, bytes: Vec<u8>) -> reqwest::Response {
         self.client
             .post(self.url("/v1/models"))
