@@ -16,4 +16,5 @@ pub mod report;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

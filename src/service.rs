@@ -40,7 +40,20 @@ pub async fn run(
         tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
     }
 
+    if options.listener.is_some() && config.auth.mode == crate::config::AuthMode::None {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.mode = \"none\"): every /v1 request acts for the default tenant \
+             without a key. Use this for local single-user runs only; set auth.mode = \"api_key\" \
+             (MODELPRESS_AUTH__MODE=api_key) before exposing the service."
+        );
+    }
+    if config.webhooks.allow_private_targets {
+        tracing::warn!("webhooks.allow_private_targets is on: webhooks may target loopback and private addresses");
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
+    // Every process sends due webhooks; the deliveries table shares the work between them.
+    tasks.spawn(crate::webhooks::sender::run(pool.clone(), config.clone(), shutdown.clone()));
     if options.workers {
         let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone())?;
         tasks.spawn(worker::run(ctx, shutdown.clone()));
@@ -54,6 +67,10 @@ pub async fn run(
             runtime: Arc::new(runtime),
             events,
             http_metrics: Default::default(),
+            rate_limiter: Arc::new(api::ratelimit::RateLimiter::new(
+                config.limits.requests_per_second,
+                config.limits.burst,
+            )),
         };
         let app = api::app(state);
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");

@@ -98,6 +98,8 @@ pub struct JobRow {
     pub dataset_id: Option<Uuid>,
     /// The job's evaluation options (`eval::dataset::EvaluationOptions` as JSON).
     pub evaluation: Json<Value>,
+    /// Told (signed POST of the job) when the job ends.
+    pub webhook_url: Option<String>,
 }
 
 pub struct NewJob<'a> {
@@ -109,6 +111,7 @@ pub struct NewJob<'a> {
     pub timeout_s: i32,
     pub dataset_id: Option<Uuid>,
     pub evaluation: &'a Value,
+    pub webhook_url: Option<&'a str>,
     /// `(Idempotency-Key, hash of the request)`, when the client sent a key.
     pub idempotency: Option<(&'a str, &'a str)>,
 }
@@ -130,8 +133,8 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     let created: Option<JobRow> = sqlx::query_as(
         "WITH model AS (SELECT id FROM models WHERE id = $2 AND tenant_id = $3 FOR SHARE)
          INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts, timeout_s,
-                           idempotency_key, request_hash, dataset_id, evaluation)
-         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11 FROM model
+                           idempotency_key, request_hash, dataset_id, evaluation, webhook_url)
+         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM model
          ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -146,6 +149,7 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     .bind(hash)
     .bind(job.dataset_id)
     .bind(Json(job.evaluation))
+    .bind(job.webhook_url)
     .fetch_optional(pool)
     .await?;
     if let Some(row) = created {
@@ -164,6 +168,15 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
         Some(row) => Enqueued::KeyReused(row),
         None => Enqueued::ModelNotFound,
     })
+}
+
+/// Queued and running jobs of the tenant (what its active-jobs quota counts).
+pub async fn active_count(pool: &PgPool, tenant: Uuid) -> Result<i64, sqlx::Error> {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE tenant_id = $1 AND state IN ('queued', 'running')")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
 }
 
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {
