@@ -69,6 +69,10 @@ fn every_error_code_the_api_emits_is_documented() {
         "cuda_unavailable",
         "dataset_missing",
         "non_finite_output",
+        "unauthorized",
+        "rate_limited",
+        "quota_exceeded",
+        "invalid_webhook_url",
     ] {
         assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }
