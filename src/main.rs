@@ -259,7 +259,12 @@ async fn keys(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
             println!("{:<36}  {:<24}  {:<25}  revoked", "id", "tenant", "created");
             for k in db::tenants::list_keys(&pool).await? {
                 let revoked = k.revoked_at.map_or("-".to_string(), |t| t.to_rfc3339());
-                println!("{:<36}  {:<24}  {:<25}  {revoked}", k.id, k.tenant, k.created_at.to_rfc3339());
+                println!(
+                    "{:<36}  {:<24}  {:<25}  {revoked}",
+                    k.id,
+                    k.tenant,
+                    k.created_at.to_rfc3339()
+                );
             }
         }
         KeysCommand::Revoke { id } => {

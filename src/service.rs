@@ -53,7 +53,11 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     // Every process sends due webhooks; the deliveries table shares the work between them.
-    tasks.spawn(crate::webhooks::sender::run(pool.clone(), config.clone(), shutdown.clone()));
+    tasks.spawn(crate::webhooks::sender::run(
+        pool.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
     if options.workers {
         let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone())?;
         tasks.spawn(worker::run(ctx, shutdown.clone()));

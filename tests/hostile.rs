@@ -27,12 +27,10 @@ fn corpus() -> (tempfile::TempDir, Vec<Value>) {
 }
 
 async fn rows(app: &TestApp) -> (i64, i64, i64) {
-    sqlx::query_as(
-        "SELECT (SELECT count(*) FROM models), (SELECT count(*) FROM datasets), (SELECT count(*) FROM jobs)",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap()
+    sqlx::query_as("SELECT (SELECT count(*) FROM models), (SELECT count(*) FROM datasets), (SELECT count(*) FROM jobs)")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
 }
 
 #[sqlx::test]
@@ -63,15 +61,25 @@ async fn every_hostile_input_gets_a_clean_4xx_and_leaves_nothing_behind(pool: Pg
         let response = request.send().await.unwrap_or_else(|e| panic!("{name}: {e}"));
         let expected = (case["status"].as_u64().unwrap() as u16, case["code"].as_str().unwrap());
         let status = response.status().as_u16();
-        let json = response.headers()["content-type"].to_str().unwrap().starts_with("application/json");
+        let json = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json");
         let body: Value = response.json().await.unwrap_or(Value::Null);
         let code = body["error"]["code"].as_str().unwrap_or("-");
         let message = body["error"]["message"].as_str().unwrap_or("");
         if (status, code) != expected || !json || message.is_empty() || message.len() > 1200 {
             let shown: String = message.chars().take(300).collect();
-            failures.push(format!("{name}: expected {expected:?}, got {status} {code} ({} bytes): {shown}", message.len()));
+            failures.push(format!(
+                "{name}: expected {expected:?}, got {status} {code} ({} bytes): {shown}",
+                message.len()
+            ));
         }
-        assert_eq!(app.get("/healthz").await.status(), 200, "the server is down after {name}");
+        assert_eq!(
+            app.get("/healthz").await.status(),
+            200,
+            "the server is down after {name}"
+        );
         // Compared with the state before this case, so one failure does not hide the next.
         let files_now = app.stored_files();
         if files_now != files_before {
@@ -87,7 +95,12 @@ async fn every_hostile_input_gets_a_clean_4xx_and_leaves_nothing_behind(pool: Pg
     assert!(failures.is_empty(), "{} cases:\n{}", cases.len(), failures.join("\n"));
     // The model used for the range cases is still whole.
     assert_eq!(
-        app.get(&format!("/v1/models/{model}/content")).await.bytes().await.unwrap().to_vec(),
+        app.get(&format!("/v1/models/{model}/content"))
+            .await
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec(),
         tiny_mlp_bytes(1)
     );
 }

@@ -35,7 +35,11 @@ async fn send(client: &reqwest::Client, method: &reqwest::Method, url: &str) -> 
 async fn every_v1_route_needs_a_valid_key_and_the_open_routes_stay_open(pool: PgPool) {
     let app = TestApp::spawn_as(pool, false, "acme", |_| {}).await;
     let revoked = modelpress::api::auth::issue_key(&app.pool, "acme").await.unwrap();
-    assert!(modelpress::db::tenants::revoke_key(&app.pool, revoked.id).await.unwrap());
+    assert!(
+        modelpress::db::tenants::revoke_key(&app.pool, revoked.id)
+            .await
+            .unwrap()
+    );
     let real = api_key(&app.pool, "acme").await;
     let mangled = format!("{}0", &real[..real.len() - 1]);
     let clients = [
@@ -49,7 +53,11 @@ async fn every_v1_route_needs_a_valid_key_and_the_open_routes_stay_open(pool: Pg
     for (method, template) in modelpress::api::route_table() {
         let url = app.url(&fill(&template, &id, "model.onnx"));
         if !template.starts_with("/v1/") {
-            let r = reqwest::Client::new().request(method.clone(), &url).send().await.unwrap();
+            let r = reqwest::Client::new()
+                .request(method.clone(), &url)
+                .send()
+                .await
+                .unwrap();
             assert_ne!(r.status(), 401, "{method} {template} should stay open");
             continue;
         }
@@ -62,8 +70,23 @@ async fn every_v1_route_needs_a_valid_key_and_the_open_routes_stay_open(pool: Pg
     }
     assert!(checked >= 18, "only {checked} /v1 routes checked");
     // Unknown /v1 paths do not reveal what exists either.
-    assert_error(app.client_for("x").await.get(app.url("/v1/nothing")).send().await.unwrap(), 404, "not_found").await;
-    assert_error(reqwest::Client::new().get(app.url("/v1/nothing")).send().await.unwrap(), 401, "unauthorized").await;
+    assert_error(
+        app.client_for("x")
+            .await
+            .get(app.url("/v1/nothing"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        reqwest::Client::new().get(app.url("/v1/nothing")).send().await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
     // The valid key works, and `WWW-Authenticate` tells a client without one what to send.
     assert_eq!(app.get("/v1/models").await.status(), 200);
     let r = reqwest::Client::new().get(app.url("/v1/models")).send().await.unwrap();
@@ -93,7 +116,13 @@ async fn tenant_a_resources(app: &TestApp) -> Owned {
             reqwest::multipart::Part::bytes(std::fs::read(dir.path().join("m.onnx.data")).unwrap())
                 .file_name("m.onnx.data"),
         );
-    let r = app.client.post(app.url("/v1/models")).multipart(form).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/v1/models"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let bundle: Value = r.json().await.unwrap();
     let file = bundle["files"][0]["path"].as_str().unwrap().to_string();
@@ -110,8 +139,10 @@ async fn tenant_a_resources(app: &TestApp) -> Owned {
     assert_eq!(r.status(), 201);
     let dataset = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let job = app
-        .submit(json!({"model_id": model, "dataset_id": dataset, "task": "classification",
-                       "recipe": [{"pass": "optimize"}]}))
+        .submit(
+            json!({"model_id": model, "dataset_id": dataset, "task": "classification",
+                       "recipe": [{"pass": "optimize"}]}),
+        )
         .await;
     assert_eq!(job.status(), 201);
     let job = job.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
@@ -159,8 +190,13 @@ async fn another_tenants_ids_answer_exactly_like_missing_ids_on_every_route(pool
             | "GET /v1/jobs/{id}/webhooks" => Some((a.job.clone(), String::new())),
             "GET /v1/jobs/{id}/artifacts/{name}" => Some((a.job.clone(), "model.onnx".to_string())),
             // Routes without an id: checked below.
-            "GET /v1/models" | "GET /v1/datasets" | "GET /v1/jobs" | "POST /v1/jobs" | "POST /v1/models"
-            | "POST /v1/datasets" | "GET /v1/capabilities" => None,
+            "GET /v1/models"
+            | "GET /v1/datasets"
+            | "GET /v1/jobs"
+            | "POST /v1/jobs"
+            | "POST /v1/models"
+            | "POST /v1/datasets"
+            | "GET /v1/capabilities" => None,
             _ if !template.starts_with("/v1/") => None,
             _ => {
                 unchecked.push(route.clone());
@@ -174,9 +210,15 @@ async fn another_tenants_ids_answer_exactly_like_missing_ids_on_every_route(pool
         let absent = answer(absent, &missing).await;
         assert_eq!(theirs.0, 404, "{route} with another tenant's id: {theirs:?}");
         assert_eq!(theirs.1, "not_found", "{route}: {theirs:?}");
-        assert_eq!(theirs, absent, "{route}: another tenant's id must look like a missing one");
+        assert_eq!(
+            theirs, absent,
+            "{route}: another tenant's id must look like a missing one"
+        );
     }
-    assert!(unchecked.is_empty(), "routes without a cross-tenant check: {unchecked:?}");
+    assert!(
+        unchecked.is_empty(),
+        "routes without a cross-tenant check: {unchecked:?}"
+    );
 
     // Listings: B sees none of A's rows; A still sees them.
     for list in ["/v1/models", "/v1/datasets", "/v1/jobs"] {
@@ -203,8 +245,10 @@ async fn another_tenants_ids_answer_exactly_like_missing_ids_on_every_route(pool
     let own_model = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
     let r = b
         .post(app.url("/v1/jobs"))
-        .json(&json!({"model_id": own_model, "dataset_id": a.dataset, "task": "classification",
-                      "recipe": [{"pass": "optimize"}]}))
+        .json(
+            &json!({"model_id": own_model, "dataset_id": a.dataset, "task": "classification",
+                      "recipe": [{"pass": "optimize"}]}),
+        )
         .send()
         .await
         .unwrap();
@@ -216,7 +260,12 @@ async fn another_tenants_ids_answer_exactly_like_missing_ids_on_every_route(pool
     assert_eq!(app.get(&format!("/v1/models/{}", a.model)).await.status(), 200);
     assert_eq!(app.get(&format!("/v1/datasets/{}", a.dataset)).await.status(), 200);
     assert_error(app.cancel(&a.job).await, 409, "job_finished").await;
-    assert_eq!(app.get(&format!("/v1/jobs/{}/artifacts/model.onnx", a.job)).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/v1/jobs/{}/artifacts/model.onnx", a.job))
+            .await
+            .status(),
+        200
+    );
     app.stop().await;
 }
 
@@ -270,11 +319,16 @@ async fn tenants_are_capped_on_active_jobs_and_stored_bytes(pool: PgPool) {
     let files_before = app.stored_files();
     assert_error(app.upload(tiny_mlp_bytes(2)).await, 429, "quota_exceeded").await;
     assert_eq!(app.stored_files(), files_before);
-    let (models,): (i64,) = sqlx::query_as("SELECT count(*) FROM models").fetch_one(&app.pool).await.unwrap();
+    let (models,): (i64,) = sqlx::query_as("SELECT count(*) FROM models")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(models, 1);
     // One active job is allowed, the second is refused until the first ends.
     let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
-    let r = app.submit(json!({"model_id": model_id, "recipe": [{"pass": "optimize"}]})).await;
+    let r = app
+        .submit(json!({"model_id": model_id, "recipe": [{"pass": "optimize"}]}))
+        .await;
     assert_error(r, 429, "quota_exceeded").await;
     assert_eq!(app.cancel(job["id"].as_str().unwrap()).await.status(), 200);
     app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
@@ -299,7 +353,11 @@ async fn the_keys_cli_creates_lists_and_revokes_keys(pool: PgPool) {
             .env("DATABASE_URL", common::database_url(&app.pool))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         (
             String::from_utf8(out.stdout).unwrap(),
             String::from_utf8(out.stderr).unwrap(),
@@ -330,7 +388,96 @@ async fn the_keys_cli_creates_lists_and_revokes_keys(pool: PgPool) {
         .to_string();
     assert!(!list.contains(secret));
     cli(&["keys", "revoke", &id]);
-    assert_error(client.get(app.url("/v1/models")).send().await.unwrap(), 401, "unauthorized").await;
+    assert_error(
+        client.get(app.url("/v1/models")).send().await.unwrap(),
+        401,
+        "unauthorized",
+    )
+    .await;
     let (list, _) = cli(&["keys", "list"]);
-    assert!(list.lines().any(|l| l.starts_with(&id) && !l.trim_end().ends_with('-')), "{list}");
+    assert!(
+        list.lines().any(|l| l.starts_with(&id) && !l.trim_end().ends_with('-')),
+        "{list}"
+    );
+}
+
+/// Log lines captured in memory (tests run the service on the test's own current-thread runtime,
+/// so a thread-local subscriber sees the server's events too).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[sqlx::test]
+async fn every_mutating_request_leaves_one_audit_line_naming_key_tenant_action_and_resource(pool: PgPool) {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let app = TestApp::spawn_as(pool, false, "acme", |_| {}).await;
+    let (key_id, tenant): (uuid::Uuid, uuid::Uuid) = sqlx::query_as("SELECT k.id, k.tenant_id FROM api_keys k")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    let r = app
+        .client
+        .post(app.url("/v1/models"))
+        .header("content-type", "application/octet-stream")
+        .header("x-request-id", "audit-upload-1")
+        .body(tiny_mlp_bytes(1))
+        .send()
+        .await
+        .unwrap();
+    let model = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
+    app.get("/v1/models").await; // reads are not audited
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/models/{model}")))
+        .header("x-request-id", "audit-delete-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    app.stop().await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let audit: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["target"] == "audit")
+        .map(|l| l["fields"].clone())
+        .collect();
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    let expect = [
+        ("POST /v1/models", format!("/v1/models/{model}"), 201, "audit-upload-1"),
+        (
+            "DELETE /v1/models/{id}",
+            format!("/v1/models/{model}"),
+            204,
+            "audit-delete-1",
+        ),
+    ];
+    for (line, (action, resource, status, request_id)) in audit.iter().zip(expect) {
+        assert_eq!(line["key_id"], key_id.to_string(), "{line}");
+        assert_eq!(line["tenant"], tenant.to_string(), "{line}");
+        assert_eq!(line["action"], action, "{line}");
+        assert_eq!(line["resource"], resource, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["request_id"], request_id, "{line}");
+    }
 }

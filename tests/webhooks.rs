@@ -56,7 +56,10 @@ async fn wait_for_deliveries(app: &TestApp, job: &str, pred: impl Fn(&Value) -> 
         if pred(&list) {
             return list;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "deliveries never got there: {list}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "deliveries never got there: {list}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -89,8 +92,13 @@ async fn a_finished_job_is_posted_signed_to_its_webhook(pool: PgPool) {
     let (signature, body) = got.lock().unwrap()[0].clone();
     let now = chrono::Utc::now().timestamp();
     let secret = secret(&app).await;
-    assert!(modelpress::webhooks::verify_signature(&secret, &signature, &body, now, 300), "{signature}");
-    assert!(!modelpress::webhooks::verify_signature("wrong", &signature, &body, now, 300));
+    assert!(
+        modelpress::webhooks::verify_signature(&secret, &signature, &body, now, 300),
+        "{signature}"
+    );
+    assert!(!modelpress::webhooks::verify_signature(
+        "wrong", &signature, &body, now, 300
+    ));
     // The body is the job as GET /v1/jobs/{id} shows it, finished, with its artifacts.
     let sent: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(sent["id"], id.as_str());
@@ -124,7 +132,10 @@ async fn a_failing_receiver_is_retried_with_backoff_and_every_attempt_is_recorde
     assert!(d["log"][0]["error"].as_str().unwrap().contains("500"));
     assert_eq!(d["log"][1]["status"], 200);
     let at = |i: usize| chrono::DateTime::parse_from_rfc3339(d["log"][i]["at"].as_str().unwrap()).unwrap();
-    assert!((at(1) - at(0)).num_milliseconds() >= 900, "the retry did not back off: {d}");
+    assert!(
+        (at(1) - at(0)).num_milliseconds() >= 900,
+        "the retry did not back off: {d}"
+    );
     let got = got.lock().unwrap();
     assert_eq!(got.len(), 2);
     // Each attempt is signed anew over the same job.
@@ -183,6 +194,9 @@ async fn webhook_targets_on_private_networks_are_refused_unless_allowed(pool: Pg
             .await;
         assert_error(r, 422, "invalid_webhook_url").await;
     }
-    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs").fetch_one(&app.pool).await.unwrap();
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(jobs, 0);
 }

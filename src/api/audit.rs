@@ -20,10 +20,7 @@ pub async fn record(principal: Principal, req: Request<Body>, next: Next) -> Res
         return next.run(req).await;
     }
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
     let path = req.uri().path().to_string();
     let request_id = req
         .headers()

@@ -105,7 +105,9 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
             }
             ApiError::RateLimited { retry_after_s } => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
             _ => {}
         }

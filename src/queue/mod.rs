@@ -172,10 +172,11 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
 
 /// Queued and running jobs of the tenant (what its active-jobs quota counts).
 pub async fn active_count(pool: &PgPool, tenant: Uuid) -> Result<i64, sqlx::Error> {
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs WHERE tenant_id = $1 AND state IN ('queued', 'running')")
-        .bind(tenant)
-        .fetch_one(pool)
-        .await?;
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE tenant_id = $1 AND state IN ('queued', 'running')")
+            .bind(tenant)
+            .fetch_one(pool)
+            .await?;
     Ok(n)
 }
 

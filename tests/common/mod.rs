@@ -178,12 +178,7 @@ pub async fn api_key(pool: &PgPool, tenant: &str) -> String {
 
 impl TestApp {
     /// The service in auth mode "api_key", its `client` acting for a new key of `tenant`.
-    pub async fn spawn_as(
-        pool: PgPool,
-        workers: bool,
-        tenant: &str,
-        tweak: impl FnOnce(&mut Config),
-    ) -> TestApp {
+    pub async fn spawn_as(pool: PgPool, workers: bool, tenant: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let key = api_key(&pool, tenant).await;
         let mut app = Self::spawn_with(pool, workers, |c| {
             c.auth.mode = modelpress::config::AuthMode::ApiKey;
