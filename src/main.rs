@@ -108,6 +108,12 @@ enum KeysCommand {
     List,
     /// Revoke a key by its id; requests with it get 401 from then on.
     Revoke { id: uuid::Uuid },
+    /// Print TENANT's webhook signing secret (created if it has none), e.g. for the "default"
+    /// tenant of auth mode "none".
+    WebhookSecret {
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -266,6 +272,11 @@ async fn keys(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
                     k.created_at.to_rfc3339()
                 );
             }
+        }
+        KeysCommand::WebhookSecret { tenant } => {
+            let id = db::tenants::get_or_create(&pool, tenant.trim()).await?;
+            let secret = db::tenants::webhook_secret(&pool, id, &modelpress::api::auth::random_secret()).await?;
+            println!("{secret}");
         }
         KeysCommand::Revoke { id } => {
             anyhow::ensure!(db::tenants::revoke_key(&pool, id).await?, "no active key has id {id}");

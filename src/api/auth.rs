@@ -118,7 +118,17 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request<Body>,
             };
             match verify(&state.pool, token).await {
                 Ok(Some(p)) => p,
-                Ok(None) => return unauthorized("the API key is not valid (unknown, malformed or revoked)"),
+                Ok(None) => {
+                    // Who tried, as far as the key says (its id part; never the secret).
+                    let key_id = parse_key(token).map(|(id, _)| id.to_string());
+                    tracing::warn!(
+                        target: "audit",
+                        key_id = key_id.as_deref().unwrap_or("malformed"),
+                        path = %req.uri().path(),
+                        "refused an invalid API key"
+                    );
+                    return unauthorized("the API key is not valid (unknown, malformed or revoked)");
+                }
                 Err(e) => return ApiError::from(e).into_response(),
             }
         }
