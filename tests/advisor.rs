@@ -127,6 +127,25 @@ async fn smallest_within_one_point_of_accuracy_holds_when_re_run_as_a_recipe(poo
             .count()
     );
 
+    // The HTML report plots the original and every measured candidate, highlights the choice,
+    // and links to nothing outside itself.
+    let html = app
+        .get(&format!("/v1/jobs/{}/report.html", job["id"].as_str().unwrap()))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let circles: Vec<&str> = html.split("<circle class=\"point").skip(1).collect();
+    let measured = advisor.candidates.iter().filter(|c| c.size_bytes.is_some()).count();
+    assert_eq!(circles.len(), measured + 1);
+    let chosen_circle = circles.iter().find(|c| c.contains("data-chosen=\"true\"")).unwrap();
+    assert!(
+        chosen_circle.contains(&format!("data-size=\"{}\"", chosen.size_bytes.unwrap())),
+        "{chosen_circle}"
+    );
+    assert!(html.contains(&format!("data-candidate=\"{}\"", decision.candidate)));
+    assert!(!html.contains("http://") && !html.contains("https://"));
+
     // Every single technique with default settings: the choice is no larger than the best of them
     // that keeps the same accuracy budget.
     let mut best_single = u64::MAX;

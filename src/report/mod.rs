@@ -1,6 +1,7 @@
 //! The report a job leaves behind (`report.json`). The schema is versioned and grows by adding
 //! fields; clients ignore fields they do not know.
 
+mod advisor_html;
 pub mod html;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
