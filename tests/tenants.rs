@@ -371,7 +371,10 @@ async fn the_keys_cli_creates_lists_and_revokes_keys(pool: PgPool) {
         .find_map(|l| l.strip_prefix("webhook signing secret of this tenant: "))
         .unwrap_or_else(|| panic!("no webhook secret in {stderr}"))
         .to_string();
-    assert_eq!(cli(&["keys", "webhook-secret", "--tenant", "acme"]).0.trim(), webhook_secret);
+    assert_eq!(
+        cli(&["keys", "webhook-secret", "--tenant", "acme"]).0.trim(),
+        webhook_secret
+    );
     let client = bearer_client(&key);
     assert_eq!(client.get(app.url("/v1/models")).send().await.unwrap().status(), 200);
 
