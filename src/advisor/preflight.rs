@@ -140,15 +140,33 @@ pub fn plan(
             json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "percentile", "percentile": 99.99}]),
         ),
     };
+    // accuracy_level 4 computes MatMulNBits in int8 on CPU (faster); 0 stores no attribute
+    // (smallest), with float32 compute.
+    let level = if goal.objective == Objective::Fastest { 4 } else { 0 };
     let int4 = |block: u32| Plan {
         label: format!("int4 weight-only (block {block})"),
-        recipe: recipe(json!([{"pass": "quantize_int4_weight_only", "block_size": block, "accuracy_level": 4}])),
+        recipe: recipe(json!([{"pass": "quantize_int4_weight_only", "block_size": block, "accuracy_level": level}])),
     };
     let int4_then_int8 = Plan {
         label: "int4 weight-only (block 32) + int8 dynamic for Gemm".into(),
         recipe: recipe(json!([
-            {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": 4},
+            {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
             {"pass": "quantize_int8_dynamic", "per_channel": true}
+        ])),
+    };
+    // The weights quantization leaves in float32 (embeddings, biases, Conv kernels) halved.
+    let int4_then_fp16 = Plan {
+        label: "int4 weight-only (block 32) + float16 for the rest".into(),
+        recipe: recipe(json!([
+            {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
+            {"pass": "fp16"}
+        ])),
+    };
+    let dynamic_then_fp16 = Plan {
+        label: "int8 dynamic (per-channel) + float16 for the rest".into(),
+        recipe: recipe(json!([
+            {"pass": "quantize_int8_dynamic", "per_channel": true},
+            {"pass": "fp16"}
         ])),
     };
     let fp16 = Plan {
@@ -231,11 +249,13 @@ pub fn plan(
     };
     match goal.objective {
         Objective::Smallest => {
+            add(int4_ok && fp16_ok, &int4_then_fp16);
             add(int4_ok && gemm > 0, &int4_then_int8);
             add(int4_ok, &int4(32));
             add(int4_ok, &int4(128));
             add(static_ok, &static_minmax);
             add(dynamic_ok, &dynamic);
+            add(dynamic_ok && fp16_ok, &dynamic_then_fp16);
             add(static_ok, &static_percentile);
             add(fp16_ok, &fp16);
             add(true, &lossless);
