@@ -3,9 +3,11 @@
 
 pub mod fp16;
 pub mod optimize;
+pub mod prune_structured;
 pub mod quantize_dynamic;
 pub mod quantize_int4;
 pub mod quantize_static;
+pub mod reconstruct;
 pub mod weights;
 
 use std::path::Path;
@@ -24,6 +26,8 @@ pub enum PassSpec {
     QuantizeInt4WeightOnly(quantize_int4::Int4Params),
     Fp16(fp16::Fp16Params),
     QuantizeInt8Static(quantize_static::StaticParams),
+    PruneStructured(prune_structured::PruneStructuredParams),
+    Reconstruct(reconstruct::ReconstructParams),
 }
 
 /// A validated list of passes, applied in order.
@@ -42,6 +46,8 @@ pub const KNOWN_PASSES: &[&str] = &[
     "quantize_int8_static",
     "quantize_int4_weight_only",
     "fp16",
+    "prune_structured",
+    "reconstruct",
 ];
 
 impl Recipe {
@@ -115,6 +121,8 @@ impl PassSpec {
             PassSpec::QuantizeInt4WeightOnly(p) => p.validate(),
             PassSpec::Fp16(_) => Ok(()),
             PassSpec::QuantizeInt8Static(p) => p.validate(),
+            PassSpec::PruneStructured(p) => p.validate(),
+            PassSpec::Reconstruct(p) => p.validate(),
         }
     }
 
@@ -125,6 +133,8 @@ impl PassSpec {
             PassSpec::QuantizeInt4WeightOnly(p) => Box::new(quantize_int4::QuantizeInt4(p.clone())),
             PassSpec::Fp16(p) => Box::new(fp16::Fp16(p.clone())),
             PassSpec::QuantizeInt8Static(p) => Box::new(quantize_static::QuantizeStatic(p.clone())),
+            PassSpec::PruneStructured(p) => Box::new(prune_structured::PruneStructured(p.clone())),
+            PassSpec::Reconstruct(p) => Box::new(reconstruct::Reconstruct(p.clone())),
         }
     }
 }
@@ -132,6 +142,8 @@ impl PassSpec {
 /// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling) and scratch space.
 pub struct PassContext<'a> {
     pub runtime: &'a Runtime,
+    /// The job's original model (self-contained): the teacher passes such as `reconstruct` fit to.
+    pub original: &'a Path,
     pub work_dir: &'a Path,
     /// Samples for passes that calibrate; `None` when the recipe has none.
     pub calibration: Option<&'a crate::eval::calibration::CalibrationSet>,
