@@ -115,4 +115,8 @@ pub struct PassRecord {
     pub pass: String,
     pub duration_ms: f64,
     pub notes: Vec<String>,
+    /// What the pass did to each weight it changed (pruning, low-rank, clustering); absent for
+    /// passes that keep no per-layer table. Added within schema 1: older readers ignore it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<crate::compress::LayerRecord>,
 }
