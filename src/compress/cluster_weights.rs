@@ -105,7 +105,11 @@ fn kmeans_1d(sorted: &[f32], k: usize, init: Init) -> Vec<f32> {
         let next: Vec<f64> = (0..k)
             .map(|j| {
                 let (a, b) = (starts[j], starts[j + 1]);
-                if b > a { (prefix[b] - prefix[a]) / (b - a) as f64 } else { c[j] }
+                if b > a {
+                    (prefix[b] - prefix[a]) / (b - a) as f64
+                } else {
+                    c[j]
+                }
             })
             .collect();
         if next == c {
@@ -162,7 +166,11 @@ fn cluster(values: &[f32], bits: u8, init: Init) -> (Vec<f32>, Vec<u8>, f64) {
     let zeros = sorted.iter().filter(|v| **v == 0.0).count();
     let centroids = if zeros * 100 >= values.len() {
         let nonzero: Vec<f32> = sorted.iter().copied().filter(|v| *v != 0.0).collect();
-        let mut c = if nonzero.is_empty() { Vec::new() } else { kmeans_1d(&nonzero, k - 1, init) };
+        let mut c = if nonzero.is_empty() {
+            Vec::new()
+        } else {
+            kmeans_1d(&nonzero, k - 1, init)
+        };
         c.push(0.0);
         c.sort_by(f32::total_cmp);
         c.dedup();
@@ -328,7 +336,13 @@ mod tests {
     #[test]
     fn every_value_maps_to_its_nearest_centroid_and_zeros_stay_zero() {
         let values: Vec<f32> = (0..1000)
-            .map(|i| if i % 3 == 0 { 0.0 } else { ((i * 7919 % 1000) as f32 / 500.0) - 1.0 })
+            .map(|i| {
+                if i % 3 == 0 {
+                    0.0
+                } else {
+                    ((i * 7919 % 1000) as f32 / 500.0) - 1.0
+                }
+            })
             .collect();
         let (codebook, indices, err) = cluster(&values, 3, Init::Linear);
         assert!(codebook.len() <= 8);

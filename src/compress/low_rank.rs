@@ -81,9 +81,7 @@ struct Factors {
 fn factorize(w: &Weight, params: &LowRankParams) -> Result<Factors, String> {
     let (k, n) = (w.k, w.n);
     let m = Mat::<f64>::from_fn(k, n, |i, j| w.values[i * n + j] as f64);
-    let svd = m
-        .thin_svd()
-        .map_err(|e| format!("the SVD did not converge: {e:?}"))?;
+    let svd = m.thin_svd().map_err(|e| format!("the SVD did not converge: {e:?}"))?;
     let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
     let full = k.min(n);
     let sigma: Vec<f64> = (0..full).map(|i| s[i]).collect();
@@ -122,9 +120,7 @@ fn factorize(w: &Weight, params: &LowRankParams) -> Result<Factors, String> {
     let mut max_abs_error = 0f64;
     for i in 0..k {
         for c in 0..n {
-            let approx: f64 = (0..rank)
-                .map(|j| uf[i * rank + j] as f64 * vf[j * n + c] as f64)
-                .sum();
+            let approx: f64 = (0..rank).map(|j| uf[i * rank + j] as f64 * vf[j * n + c] as f64).sum();
             max_abs_error = max_abs_error.max((approx - w.values[i * n + c] as f64).abs());
         }
     }
@@ -170,8 +166,11 @@ impl Pass for LowRank {
             }
             // Each reader's view of the weight as [K, N]; readers that see it differently (a MatMul
             // and a Gemm with transB) cannot share one pair of factors.
-            let views: Result<Vec<Weight>, String> =
-                t.nodes.iter().map(|&i| weight_of(&graph.node[i], &index, graph)).collect();
+            let views: Result<Vec<Weight>, String> = t
+                .nodes
+                .iter()
+                .map(|&i| weight_of(&graph.node[i], &index, graph))
+                .collect();
             let views = match views {
                 Ok(v) => v,
                 Err(why) => {
@@ -316,7 +315,12 @@ mod tests {
 
     #[test]
     fn parameters_are_checked() {
-        assert!(params(Some(0.9), Some(0.5)).validate().unwrap_err().contains("not both"));
+        assert!(
+            params(Some(0.9), Some(0.5))
+                .validate()
+                .unwrap_err()
+                .contains("not both")
+        );
         assert!(params(Some(0.0), None).validate().unwrap_err().contains("energy"));
         assert!(params(None, Some(1.5)).validate().unwrap_err().contains("rank_ratio"));
         let mut p = params(None, None);

@@ -66,7 +66,10 @@ impl PruneParams {
 fn parse_pattern(p: &str) -> Result<(usize, usize), String> {
     let bad = || format!("pattern {p:?} is not \"N:M\" with 1 <= N < M <= 64 (e.g. \"2:4\")");
     let (n, m) = p.split_once(':').ok_or_else(bad)?;
-    let (n, m): (usize, usize) = (n.trim().parse().map_err(|_| bad())?, m.trim().parse().map_err(|_| bad())?);
+    let (n, m): (usize, usize) = (
+        n.trim().parse().map_err(|_| bad())?,
+        m.trim().parse().map_err(|_| bad())?,
+    );
     if n == 0 || n >= m || m > 64 {
         return Err(bad());
     }
@@ -240,7 +243,11 @@ impl Pass for PruneUnstructured {
                 }
                 format!(
                     "target sparsity {sparsity} ({})",
-                    if self.0.scope == Scope::Global { "global threshold" } else { "per layer" }
+                    if self.0.scope == Scope::Global {
+                        "global threshold"
+                    } else {
+                        "per layer"
+                    }
                 )
             }
         };
@@ -297,7 +304,11 @@ impl Pass for PruneUnstructured {
                  smaller (ONNX Runtime has no sparse CPU kernels for these ops): see model.onnx.zst for the \
                  compressed size",
                 targets.len(),
-                if total > 0 { zeros as f64 * 100.0 / total as f64 } else { 0.0 }
+                if total > 0 {
+                    zeros as f64 * 100.0 / total as f64
+                } else {
+                    0.0
+                }
             ),
         );
         out.notes.extend(skipped_notes(skipped));
@@ -320,7 +331,11 @@ mod tests {
         use serde_json::json;
         assert!(params(json!({})).unwrap_err().contains("sparsity"));
         assert!(params(json!({"sparsity": 1.0})).unwrap_err().contains("[0, 1)"));
-        assert!(params(json!({"sparsity": 0.5, "pattern": "2:4"})).unwrap_err().contains("not both"));
+        assert!(
+            params(json!({"sparsity": 0.5, "pattern": "2:4"}))
+                .unwrap_err()
+                .contains("not both")
+        );
         assert!(params(json!({"pattern": "4:2"})).unwrap_err().contains("N:M"));
         assert!(params(json!({"pattern": "x"})).unwrap_err().contains("N:M"));
         assert!(params(json!({"sparsity": 0.5, "scope": "everywhere"})).is_err());
