@@ -468,10 +468,16 @@ fn clustering_stores_a_codebook_and_uint8_indices_expanded_by_gather() {
     assert_eq!(indices.len(), 2);
     assert!(indices.iter().all(|t| t.raw_data().iter().all(|&i| i < 16)));
     assert!(weight(&m, "w1").is_none(), "the float weight is gone");
+    assert_eq!(op_count(&m, "Mul"), 2, "one scale per output channel");
     for layer in &report.passes[0].layers {
         assert!(layer.clusters.unwrap() <= 16);
         assert_eq!(layer.bytes_before, 4 * layer.parameters_before);
-        assert_eq!(layer.bytes_after, layer.parameters_before + 4 * layer.clusters.unwrap());
+        // uint8 indices, the codebook, and one float scale per output column of the [K, N] weight.
+        let columns = layer.shape[1] as u64;
+        assert_eq!(
+            layer.bytes_after,
+            layer.parameters_before + 4 * layer.clusters.unwrap() + 4 * columns
+        );
     }
     assert!(report.result.size_bytes < report.original.size_bytes);
     assert!(
@@ -485,6 +491,60 @@ fn clustering_stores_a_codebook_and_uint8_indices_expanded_by_gather() {
         note.contains("one uint8") && note.contains("model.onnx.zst is smaller still"),
         "{note}"
     );
+}
+
+/// A clustered weight as the graph expands it: codebook[index], times its channel's scale.
+fn expanded(model: &ModelProto, weight: &str) -> Vec<f32> {
+    let g = model.graph.as_ref().unwrap();
+    let find = |suffix: &str| g.initializer.iter().find(|t| t.name() == format!("{weight}_{suffix}"));
+    let codebook = float_values(find("codebook").unwrap()).unwrap();
+    let indices = find("indices").unwrap();
+    let values: Vec<f32> = indices.raw_data().iter().map(|&i| codebook[i as usize]).collect();
+    match find("channel_scales").and_then(float_values) {
+        Some(scales) => {
+            let inner = values.len() / scales.len();
+            values.iter().enumerate().map(|(i, v)| v * scales[i / inner]).collect()
+        }
+        None => values,
+    }
+}
+
+#[test]
+fn per_channel_scales_keep_channels_of_very_different_magnitude_apart() {
+    // Conv c1's 8 filters scaled by 10^-4 ... 10^3: one codebook for the raw values flattens the
+    // small filters to zero; scaled per channel, every filter keeps its shape.
+    let mut model = conv_model();
+    let g = model.graph.as_mut().unwrap();
+    let mut c1 = float_values(&g.initializer[0]).unwrap();
+    for (i, v) in c1.iter_mut().enumerate() {
+        *v *= 10f32.powi((i / 27) as i32 - 4);
+    }
+    g.initializer[0].raw_data = Some(c1.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into());
+    // Relative error of the worst filter.
+    let worst = |per_channel: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        run(
+            &model,
+            json!([{"pass": "cluster_weights", "bits": 4, "min_elements": 0, "per_channel": per_channel}]),
+            dir.path(),
+        )
+        .unwrap();
+        onnx_checker(&dir.path().join("out/model.onnx"));
+        let m = result(dir.path());
+        assert_eq!(op_count(&m, "Mul"), if per_channel { 2 } else { 0 });
+        let got = expanded(&m, "c1");
+        (0..8)
+            .map(|f| {
+                let r = f * 27..(f + 1) * 27;
+                let err: f32 = r.clone().map(|i| (got[i] - c1[i]).powi(2)).sum::<f32>().sqrt();
+                let norm: f32 = r.map(|i| c1[i].powi(2)).sum::<f32>().sqrt();
+                err / norm
+            })
+            .fold(0f32, f32::max)
+    };
+    let (tensor, channel) = (worst(false), worst(true));
+    assert!(channel < 0.2, "per channel: worst filter off by {channel}");
+    assert!(tensor > 0.9, "per tensor: worst filter off by {tensor}");
 }
 
 #[test]

@@ -45,6 +45,12 @@ pub struct ClusterParams {
     /// Weights with fewer values are left as they are (the codebook would not pay for itself).
     #[serde(default = "default_min_elements")]
     pub min_elements: u64,
+    /// Cluster each output channel's values divided by that channel's largest magnitude (one shared
+    /// codebook, one float scale per channel, a `Mul` after the `Gather`). Convolutions with batch
+    /// norm folded in have channels whose scales differ by orders of magnitude; one codebook for
+    /// their raw values spends its centroids on the large channels and flattens the small ones.
+    #[serde(default = "default_true")]
+    pub per_channel: bool,
     #[serde(default)]
     pub exclude_nodes: Vec<String>,
 }
@@ -59,6 +65,10 @@ fn default_init() -> Init {
 
 fn default_min_elements() -> u64 {
     256
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl ClusterParams {
@@ -181,6 +191,43 @@ fn cluster(values: &[f32], bits: u8, init: Init) -> (Vec<f32>, Vec<u8>, f64) {
     assign(values, &centroids)
 }
 
+/// The axis of a weight that indexes output channels, as the first node reading it sees it:
+/// Conv [Cout, ...] and Gemm with transB [N, K] on axis 0, MatMul and Gemm [K, N] on axis 1.
+fn output_axis(g: &crate::onnx::proto::GraphProto, t: &weight_targets::Target) -> Option<usize> {
+    let node = &g.node[t.nodes[0]];
+    match (node.op_type(), t.dims.len()) {
+        ("Conv", r) if r >= 3 => Some(0),
+        ("Gemm", 2) => Some(
+            if node
+                .attribute
+                .iter()
+                .any(|a| a.name() == "transB" && a.i() != 0)
+            {
+                0
+            } else {
+                1
+            },
+        ),
+        ("MatMul", 2) => Some(1),
+        _ => None,
+    }
+}
+
+/// Largest magnitude per output channel (1 for an all-zero channel), and each value's channel.
+fn channel_scales(dims: &[i64], axis: usize, values: &[f32]) -> (Vec<f32>, Vec<usize>) {
+    let channels = dims[axis].max(1) as usize;
+    let inner: usize = dims[axis + 1..].iter().map(|&d| d.max(0) as usize).product();
+    let channel: Vec<usize> = (0..values.len()).map(|i| (i / inner) % channels).collect();
+    let mut scales = vec![0f32; channels];
+    for (v, &c) in values.iter().zip(&channel) {
+        scales[c] = scales[c].max(v.abs());
+    }
+    for s in scales.iter_mut().filter(|s| **s == 0.0) {
+        *s = 1.0;
+    }
+    (scales, channel)
+}
+
 impl Pass for ClusterWeights {
     fn name(&self) -> &'static str {
         "cluster_weights"
@@ -218,23 +265,30 @@ impl Pass for ClusterWeights {
         let mut out = PassOutput::default();
         let (mut bytes_before, mut bytes_after) = (0u64, 0u64);
         for t in &targets {
-            let (codebook, indices, max_err) = cluster(&t.values, self.0.bits, self.0.init);
+            let axis = self.0.per_channel.then(|| output_axis(graph, t)).flatten();
+            let scaled = axis.map(|axis| channel_scales(&t.dims, axis, &t.values));
+            let (codebook, indices, mut max_err) = match &scaled {
+                Some((scales, channel)) => {
+                    let normalized: Vec<f32> = t.values.iter().zip(channel).map(|(v, &c)| v / scales[c]).collect();
+                    cluster(&normalized, self.0.bits, self.0.init)
+                }
+                None => cluster(&t.values, self.0.bits, self.0.init),
+            };
             let base = sanitize(&t.weight);
             let codebook_name = names.fresh(&format!("{base}_codebook"));
             let indices_name = names.fresh(&format!("{base}_indices"));
             let wide_name = names.fresh(&format!("{base}_indices_int32"));
+            let gathered_name = names.fresh(&format!("{base}_gathered"));
             let expanded_name = names.fresh(&format!("{base}_clustered"));
             let n = t.values.len() as u64;
-            let after = n + 4 * codebook.len() as u64;
+            let channels = scaled.as_ref().map_or(0, |(s, _)| s.len() as u64);
+            let after = n + 4 * codebook.len() as u64 + 4 * channels;
             graph.initializer.push(tensor(
                 &codebook_name,
                 &[codebook.len() as i64],
                 DataType::Float,
                 codebook.iter().flat_map(|c| c.to_le_bytes()).collect(),
             ));
-            graph
-                .initializer
-                .push(tensor(&indices_name, &t.dims, DataType::Uint8, indices));
             let mut cast = node_of(
                 &mut names,
                 "Cast",
@@ -243,15 +297,49 @@ impl Pass for ClusterWeights {
                 vec![int_attr("to", DataType::Int32 as i64)],
             );
             cast.name = Some(names.fresh(&format!("{base}_Cast")));
+            let gather_out = if scaled.is_some() { &gathered_name } else { &expanded_name };
             let mut gather = node_of(
                 &mut names,
                 "Gather",
                 &[&codebook_name, &wide_name],
-                &[&expanded_name],
+                &[gather_out],
                 vec![int_attr("axis", 0)],
             );
             gather.name = Some(names.fresh(&format!("{base}_Gather")));
-            new_nodes.extend([cast, gather]);
+            if let (Some((scales, channel)), Some(axis)) = (&scaled, axis) {
+                // What the Mul computes, in float32, against the original values.
+                max_err = t
+                    .values
+                    .iter()
+                    .zip(&indices)
+                    .zip(channel)
+                    .map(|((v, &i), &c)| (*v as f64 - (codebook[i as usize] * scales[c]) as f64).abs())
+                    .fold(0f64, f64::max);
+                // [C, 1, ...] on axis 0; [C] on the last axis of a 2-D weight (broadcast).
+                let dims: Vec<i64> = if axis == 0 {
+                    std::iter::once(scales.len() as i64)
+                        .chain(std::iter::repeat_n(1, t.dims.len() - 1))
+                        .collect()
+                } else {
+                    vec![scales.len() as i64]
+                };
+                let scales_name = names.fresh(&format!("{base}_channel_scales"));
+                graph.initializer.push(tensor(
+                    &scales_name,
+                    &dims,
+                    DataType::Float,
+                    scales.iter().flat_map(|c| c.to_le_bytes()).collect(),
+                ));
+                let mut mul = node_of(&mut names, "Mul", &[&gathered_name, &scales_name], &[&expanded_name], vec![]);
+                mul.name = Some(names.fresh(&format!("{base}_Mul")));
+                new_nodes.extend([cast, gather, mul]);
+            } else {
+                new_nodes.extend([cast, gather]);
+            }
+            graph
+                .initializer
+                .push(tensor(&indices_name, &t.dims, DataType::Uint8, indices));
+
             for &i in &t.nodes {
                 graph.node[i].input[1] = expanded_name.clone();
             }
@@ -264,7 +352,7 @@ impl Pass for ClusterWeights {
                 weight: t.weight.clone(),
                 shape: t.dims.clone(),
                 parameters_before: n,
-                parameters_after: n + codebook.len() as u64,
+                parameters_after: n + codebook.len() as u64 + channels,
                 bytes_before: 4 * n,
                 bytes_after: after,
                 clusters: Some(codebook.len() as u64),
@@ -287,8 +375,8 @@ impl Pass for ClusterWeights {
             out.notes.push(format!(
                 "{} weight(s) clustered to at most {} centroids ({bits} bits): {bytes_before} -> {bytes_after} bytes \
                  ({:.2}x smaller); each index is stored as one uint8 (ONNX has no {bits}-bit type that Gather reads), \
-                 so the saving is about 4x whatever the bits{}; ORT expands Gather(codebook, Cast(indices)) once at \
-                 session load, so run time is that of the float model. {dead_weights} float initializer(s) and \
+                 so the saving is about 4x whatever the bits{}; {}ONNX Runtime folds the expansion into a float weight at \
+                 session load, so the graph it runs is the float model's. {dead_weights} float initializer(s) and \
                  {dead_nodes} Constant node(s) no longer read were removed",
                 targets.len(),
                 1u32 << bits,
@@ -300,6 +388,11 @@ impl Pass for ClusterWeights {
                     )
                 } else {
                     String::new()
+                },
+                if self.0.per_channel {
+                    "values scaled per output channel (one float scale each, a Mul after the Gather); "
+                } else {
+                    ""
                 }
             ));
         }
@@ -362,6 +455,7 @@ mod tests {
             bits,
             init: Init::Linear,
             min_elements: 0,
+            per_channel: true,
             exclude_nodes: vec![],
         };
         assert!(p(1).validate().unwrap_err().contains("bits"));
