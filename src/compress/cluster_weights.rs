@@ -197,17 +197,11 @@ fn output_axis(g: &crate::onnx::proto::GraphProto, t: &weight_targets::Target) -
     let node = &g.node[t.nodes[0]];
     match (node.op_type(), t.dims.len()) {
         ("Conv", r) if r >= 3 => Some(0),
-        ("Gemm", 2) => Some(
-            if node
-                .attribute
-                .iter()
-                .any(|a| a.name() == "transB" && a.i() != 0)
-            {
-                0
-            } else {
-                1
-            },
-        ),
+        ("Gemm", 2) => Some(if node.attribute.iter().any(|a| a.name() == "transB" && a.i() != 0) {
+            0
+        } else {
+            1
+        }),
         ("MatMul", 2) => Some(1),
         _ => None,
     }
@@ -297,7 +291,11 @@ impl Pass for ClusterWeights {
                 vec![int_attr("to", DataType::Int32 as i64)],
             );
             cast.name = Some(names.fresh(&format!("{base}_Cast")));
-            let gather_out = if scaled.is_some() { &gathered_name } else { &expanded_name };
+            let gather_out = if scaled.is_some() {
+                &gathered_name
+            } else {
+                &expanded_name
+            };
             let mut gather = node_of(
                 &mut names,
                 "Gather",
@@ -330,7 +328,13 @@ impl Pass for ClusterWeights {
                     DataType::Float,
                     scales.iter().flat_map(|c| c.to_le_bytes()).collect(),
                 ));
-                let mut mul = node_of(&mut names, "Mul", &[&gathered_name, &scales_name], &[&expanded_name], vec![]);
+                let mut mul = node_of(
+                    &mut names,
+                    "Mul",
+                    &[&gathered_name, &scales_name],
+                    &[&expanded_name],
+                    vec![],
+                );
                 mul.name = Some(names.fresh(&format!("{base}_Mul")));
                 new_nodes.extend([cast, gather, mul]);
             } else {
