@@ -242,9 +242,9 @@ impl Pass for PruneUnstructured {
                     }
                 }
                 format!(
-                    "target sparsity {sparsity} ({})",
+                    "target sparsity {sparsity}, {}",
                     if self.0.scope == Scope::Global {
-                        "global threshold"
+                        "one global threshold"
                     } else {
                         "per layer"
                     }
