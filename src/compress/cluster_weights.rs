@@ -167,14 +167,16 @@ fn assign(values: &[f32], centroids: &[f32]) -> (Vec<f32>, Vec<u8>, f64) {
     (codebook, indices, max_err)
 }
 
-/// The codebook and indices of one weight. Exact zeros (left by pruning) keep a centroid of
-/// their own at 0, so clustering a pruned model does not undo its sparsity.
+/// The codebook and indices of one weight. Exact zeros keep a centroid of their own at 0: a pruned
+/// model keeps its sparsity, and a dead input channel (all-zero weights, often fed by tiny or
+/// denormal activations) keeps contributing exactly nothing; mapped onto a small nonzero centroid
+/// it turns those activations into denormal outputs, which measured 1.5x slower on PP-OCRv4 rec.
 fn cluster(values: &[f32], bits: u8, init: Init) -> (Vec<f32>, Vec<u8>, f64) {
     let k = 1usize << bits;
     let mut sorted: Vec<f32> = values.iter().copied().filter(|v| !v.is_nan()).collect();
     sorted.sort_by(f32::total_cmp);
     let zeros = sorted.iter().filter(|v| **v == 0.0).count();
-    let centroids = if zeros * 100 >= values.len() {
+    let centroids = if zeros > 0 {
         let nonzero: Vec<f32> = sorted.iter().copied().filter(|v| *v != 0.0).collect();
         let mut c = if nonzero.is_empty() {
             Vec::new()
