@@ -5,10 +5,12 @@ pub mod cluster_weights;
 pub mod fp16;
 pub mod low_rank;
 pub mod optimize;
+pub mod prune_structured;
 pub mod prune_unstructured;
 pub mod quantize_dynamic;
 pub mod quantize_int4;
 pub mod quantize_static;
+pub mod reconstruct;
 pub mod weight_targets;
 pub mod weights;
 
@@ -32,6 +34,8 @@ pub enum PassSpec {
     PruneUnstructured(prune_unstructured::PruneParams),
     LowRank(low_rank::LowRankParams),
     ClusterWeights(cluster_weights::ClusterParams),
+    PruneStructured(prune_structured::PruneStructuredParams),
+    Reconstruct(reconstruct::ReconstructParams),
 }
 
 /// A validated list of passes, applied in order.
@@ -53,6 +57,8 @@ pub const KNOWN_PASSES: &[&str] = &[
     "prune_unstructured",
     "low_rank",
     "cluster_weights",
+    "prune_structured",
+    "reconstruct",
 ];
 
 impl Recipe {
@@ -129,6 +135,8 @@ impl PassSpec {
             PassSpec::PruneUnstructured(p) => p.validate(),
             PassSpec::LowRank(p) => p.validate(),
             PassSpec::ClusterWeights(p) => p.validate(),
+            PassSpec::PruneStructured(p) => p.validate(),
+            PassSpec::Reconstruct(p) => p.validate(),
         }
     }
 
@@ -142,6 +150,8 @@ impl PassSpec {
             PassSpec::PruneUnstructured(p) => Box::new(prune_unstructured::PruneUnstructured(p.clone())),
             PassSpec::LowRank(p) => Box::new(low_rank::LowRank(p.clone())),
             PassSpec::ClusterWeights(p) => Box::new(cluster_weights::ClusterWeights(p.clone())),
+            PassSpec::PruneStructured(p) => Box::new(prune_structured::PruneStructured(p.clone())),
+            PassSpec::Reconstruct(p) => Box::new(reconstruct::Reconstruct(p.clone())),
         }
     }
 }
@@ -149,6 +159,8 @@ impl PassSpec {
 /// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling) and scratch space.
 pub struct PassContext<'a> {
     pub runtime: &'a Runtime,
+    /// The job's original model (self-contained): the teacher passes such as `reconstruct` fit to.
+    pub original: &'a Path,
     pub work_dir: &'a Path,
     /// Samples for passes that calibrate; `None` when the recipe has none.
     pub calibration: Option<&'a crate::eval::calibration::CalibrationSet>,

@@ -247,6 +247,7 @@ impl<'a> Prepared<'a> {
             let next = self.work.path().join(format!("step-{n}.onnx"));
             let ctx = PassContext {
                 runtime: self.input.runtime,
+                original: &self.current,
                 work_dir: self.work.path(),
                 calibration: self.calibration.as_ref(),
                 threads: self.input.eval.threads,
