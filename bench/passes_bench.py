@@ -76,7 +76,9 @@ def macs(model, shape, values) -> int:
 
     total = 0
     for n in m.graph.node:
-        out, a, w = dims.get(n.output[0]), dims.get(n.input[0]), dims.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        out, a, w = dims.get(n.output[0]), dims.get(n.input[0]), dims.get(n.input[1])
         if not out or None in out or not a or None in a:
             continue
         if n.op_type == "MatMul":
