@@ -38,7 +38,7 @@ bench: setup
 	bench/run.sh
 
 # Browser test of the dashboard in headless Chromium (installs Debian's chromium and
-# playwright-core); screenshots in target/e2e/. Not part of `make test`.
+# playwright-core); screenshots in target/e2e/. CI runs it after `make test` (.ci/run).
 e2e: setup
 	tests/e2e/run.sh
 

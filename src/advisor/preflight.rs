@@ -217,11 +217,19 @@ pub fn plan(
             ),
         );
     }
-    let static_ok = matmul + gemm + conv > 0;
+    let mut static_ok = matmul + gemm + conv > 0;
     if !static_ok {
         rule_out(
             "int8 static",
             "no MatMul/Gemm/Conv with a stored weight to quantize".into(),
+        );
+    } else if !on_cpu && latency {
+        static_ok = false;
+        rule_out(
+            "int8 static",
+            "the CUDA provider has no int8 QLinear kernels (they need TensorRT): a QDQ model runs in float with \
+             extra quantize/dequantize kernels, so it cannot win on latency"
+                .into(),
         );
     }
     let mut fp16_ok = true;
@@ -357,6 +365,19 @@ mod tests {
                 .all(|p| !p.label.contains("int4") && !p.label.contains("dynamic"))
         );
         assert!(plans.iter().any(|p| p.label.contains("int8 static")));
+    }
+
+    #[test]
+    fn on_cuda_latency_rules_out_integer_kernels_but_keeps_fp16() {
+        let s = census(&[("MatMul", 4), ("Conv", 2)]);
+        let (pre, plans) = plan(&s, 100_000, &goal("fastest"), Provider::Cuda, &CpuFeatures::default());
+        let ruled: Vec<&str> = pre.ruled_out.iter().map(|r| r.candidate.as_str()).collect();
+        assert!(
+            ruled.contains(&"int8 static") && ruled.contains(&"int8 dynamic"),
+            "{ruled:?}"
+        );
+        assert!(plans.iter().any(|p| p.label == "float16"));
+        assert_eq!(pre.execution_provider, "cuda");
     }
 
     #[test]
