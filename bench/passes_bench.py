@@ -44,8 +44,9 @@ QUICK_CONFIGS = {"prune 50% per layer", "low-rank rank_ratio 0.5", "cluster 4 bi
 MODELS = [m for m in q.MODELS if m[0] in {"digits MLP", "transformer encoder", "PP-OCR mobile v2.0 cls", "PP-OCRv4 rec"}]
 
 
-def macs(model, shape, values) -> int:
-    """MACs of MatMul/Gemm/Conv for one sample, from shapes ONNX's shape inference derives."""
+def macs(model, shape, values) -> tuple:
+    """(MACs of MatMul/Gemm/Conv for one sample, nodes whose shapes ONNX's shape inference could not
+    derive and which are therefore not counted)."""
     import onnx
     from onnx import shape_inference
 
@@ -74,10 +75,13 @@ def macs(model, shape, values) -> int:
             p *= x
         return p
 
-    total = 0
+    total, uncounted = 0, 0
     for n in m.graph.node:
-        out, a, w = dims.get(n.output[0]), dims.get(n.input[0]), dims.get(n.input[1]) if len(n.input) > 1 else None
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        out, a, w = dims.get(n.output[0]), dims.get(n.input[0]), dims.get(n.input[1])
         if not out or None in out or not a or None in a:
+            uncounted += 1
             continue
         if n.op_type == "MatMul":
             total += prod(out) * a[-1]
@@ -86,7 +90,7 @@ def macs(model, shape, values) -> int:
             total += prod(out) * (a[0] if trans_a else a[1])
         elif n.op_type == "Conv" and w and None not in w:
             total += prod(out) * prod(w[1:])
-    return total
+    return total, uncounted
 
 
 def main() -> None:
@@ -108,7 +112,7 @@ def main() -> None:
         + " against the fp32 original, measured by one harness (onnxruntime, one intra-op thread, timed runs "
         "interleaved across rows). *zstd*: the model compressed with zstd level 3, what `model.onnx.zst` "
         "weighs (pruning and clustering ship it). *MACs*: MatMul/Gemm/Conv multiply-accumulates per sample from "
-        "`onnx.shape_inference`. Pruning zeroes values but keeps dense tensors: no fewer MACs and no speed-up "
+        "`onnx.shape_inference`; nodes whose shapes it cannot derive are not counted, and their number is shown. Pruning zeroes values but keeps dense tensors: no fewer MACs and no speed-up "
         "on CPU (ONNX Runtime has no sparse kernels for these ops); the gain is in the zstd size. Clustering "
         "stores uint8 indices (about 4x smaller whatever the bits) that ONNX Runtime expands at session load. "
         "Low-rank changes MACs, and latency with them.",
@@ -159,7 +163,8 @@ def main() -> None:
                     "fp32 original" if label == "fp32" else label,
                     f"{row['size']:,}",
                     q.fmt(row.get("zstd"), ","),
-                    q.fmt(row.get("count"), ","),
+                    "–" if row.get("count") is None
+                    else f"{row['count'][0]:,}" + (f" (+{row['count'][1]} uncounted)" if row["count"][1] else ""),
                     q.fmt(row.get("p50"), ".3f"),
                     f"{row['p50'] / base['p50']:.2f}x" if row.get("p50") and base.get("p50") else "–",
                     q.fmt(row.get("cosine"), ".6f"),
