@@ -322,7 +322,10 @@ pub fn plan(
                 &pruned(0.3, Some(static_step.clone()), " + int8 static"),
             );
             add(matmul + gemm > 0, &low_rank(0.9, None, ""));
-            add(dynamic_ok, &low_rank(0.9, Some(dynamic_step.clone()), " + int8 dynamic"));
+            add(
+                dynamic_ok,
+                &low_rank(0.9, Some(dynamic_step.clone()), " + int8 dynamic"),
+            );
             add(int4_ok, &int4(32));
             add(static_ok, &static_percentile);
             add(fp16_ok, &fp16);
