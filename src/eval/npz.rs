@@ -84,6 +84,43 @@ impl NpyDtype {
         }
     }
 
+    /// The dtype with this numpy name (`float32`), as model signatures name their types.
+    pub fn from_name(name: &str) -> Option<NpyDtype> {
+        const ALL: [NpyDtype; 12] = [
+            NpyDtype::Float32,
+            NpyDtype::Float64,
+            NpyDtype::Float16,
+            NpyDtype::Int64,
+            NpyDtype::Int32,
+            NpyDtype::Int16,
+            NpyDtype::Int8,
+            NpyDtype::Uint8,
+            NpyDtype::Uint16,
+            NpyDtype::Uint32,
+            NpyDtype::Uint64,
+            NpyDtype::Bool,
+        ];
+        ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// numpy's type string for writing `.npy` headers (`<f4`).
+    pub fn descr(self) -> &'static str {
+        match self {
+            NpyDtype::Float32 => "<f4",
+            NpyDtype::Float64 => "<f8",
+            NpyDtype::Float16 => "<f2",
+            NpyDtype::Int64 => "<i8",
+            NpyDtype::Int32 => "<i4",
+            NpyDtype::Int16 => "<i2",
+            NpyDtype::Int8 => "|i1",
+            NpyDtype::Uint8 => "|u1",
+            NpyDtype::Uint16 => "<u2",
+            NpyDtype::Uint32 => "<u4",
+            NpyDtype::Uint64 => "<u8",
+            NpyDtype::Bool => "|b1",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             NpyDtype::Float32 => "float32",
@@ -128,6 +165,15 @@ impl NpyArray {
     /// Bytes of one sample (the array without its leading axis).
     pub fn sample_bytes(&self) -> u64 {
         self.shape.iter().skip(1).product::<u64>() * self.dtype.size()
+    }
+
+    /// The whole array (scalars included) as raw little-endian bytes.
+    pub fn read_all(&self) -> Result<Vec<u8>, NpzError> {
+        let mut file = std::fs::File::open(&self.path)?;
+        file.seek(SeekFrom::Start(self.data_offset))?;
+        let mut buf = vec![0u8; (self.elements() * self.dtype.size()) as usize];
+        file.read_exact(&mut buf)?;
+        Ok(buf)
     }
 
     /// Reads samples `start..start+count` as raw little-endian bytes.
