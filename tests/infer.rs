@@ -39,7 +39,10 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 /// The chosen samples: (rows of 64 pixels, labels).
 fn samples(dir: &std::path::Path) -> (Vec<Vec<f32>>, Vec<i64>) {
     let (input, labels) = digits_arrays(dir);
-    let rows = SAMPLES.iter().map(|&i| f32s(&input.read_samples(i, 1).unwrap())).collect();
+    let rows = SAMPLES
+        .iter()
+        .map(|&i| f32s(&input.read_samples(i, 1).unwrap()))
+        .collect();
     let labels = SAMPLES
         .iter()
         .map(|&i| i64::from_le_bytes(labels.read_samples(i, 1).unwrap().try_into().unwrap()))
@@ -77,11 +80,7 @@ async fn infer_json(app: &TestApp, job: &str, query: &str, body: Value) -> reqwe
 }
 
 fn argmax(row: &[f64]) -> usize {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0
 }
 
 fn matrix(v: &Value) -> Vec<Vec<f64>> {
@@ -101,7 +100,10 @@ fn logits_in_process(model: &std::path::Path, rows: &[Vec<f32>]) -> Vec<Vec<f64>
         shape: vec![rows.len() as i64, 64],
         data: TensorData::F32(rows.concat()),
     };
-    let out = PreparedInputs::new(&[input]).unwrap().run_and_collect(&mut session).unwrap();
+    let out = PreparedInputs::new(&[input])
+        .unwrap()
+        .run_and_collect(&mut session)
+        .unwrap();
     let values = out[0].values.clone().unwrap();
     values.chunks(10).map(<[f64]>::to_vec).collect()
 }
@@ -127,12 +129,20 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
     assert!(ms > 0.0 && ms < 10_000.0, "X-Inference-Ms {ms}");
     let plain: Value = r.json().await.unwrap();
     assert_eq!(plain["job_id"], job.as_str());
-    assert!(plain.get("original").is_none() && plain.get("difference").is_none(), "{plain}");
+    assert!(
+        plain.get("original").is_none() && plain.get("difference").is_none(),
+        "{plain}"
+    );
     let compressed = matrix(&plain["outputs"]["logits"]);
     assert_eq!((compressed.len(), compressed[0].len()), (SAMPLES.len(), 10));
 
     // The same numbers ONNX Runtime gives on the job's artifact and on the original, run here.
-    let artifact = app.get(&format!("/v1/jobs/{job}/artifacts/model.onnx")).await.bytes().await.unwrap();
+    let artifact = app
+        .get(&format!("/v1/jobs/{job}/artifacts/model.onnx"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     std::fs::write(dir.path().join("compressed.onnx"), &artifact).unwrap();
     std::fs::write(dir.path().join("original.onnx"), fixture("mlp.onnx")).unwrap();
     assert_close(
@@ -146,7 +156,11 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
     let r = infer_json(&app, &job, "?compare=true", json!({"inputs": {"input": rows}})).await;
     assert_eq!(r.status(), 200);
     let both: Value = r.json().await.unwrap();
-    assert_eq!(matrix(&both["outputs"]["logits"]), compressed, "same inputs, same session, same answer");
+    assert_eq!(
+        matrix(&both["outputs"]["logits"]),
+        compressed,
+        "same inputs, same session, same answer"
+    );
     let original = matrix(&both["original"]["outputs"]["logits"]);
     assert_close(&original, &original_here, "original logits");
     let d = &both["difference"]["logits"];
@@ -158,14 +172,20 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
         .fold(0.0, f64::max);
     assert!(max_abs > 0.0, "int8 quantization changes the logits a little");
     assert!((d["max_abs_error"].as_f64().unwrap() - max_abs).abs() < 1e-6, "{d}");
-    assert!(d["cosine"].as_f64().unwrap() > 0.99 && d["cosine"].as_f64().unwrap() < 1.0, "{d}");
+    assert!(
+        d["cosine"].as_f64().unwrap() > 0.99 && d["cosine"].as_f64().unwrap() < 1.0,
+        "{d}"
+    );
     let agree = compressed
         .iter()
         .zip(&original)
         .filter(|(c, o)| argmax(c) == argmax(o))
         .count();
     assert_eq!(d["rows"], SAMPLES.len());
-    assert_eq!(d["argmax_agreement"].as_f64().unwrap(), agree as f64 / SAMPLES.len() as f64);
+    assert_eq!(
+        d["argmax_agreement"].as_f64().unwrap(),
+        agree as f64 / SAMPLES.len() as f64
+    );
 
     // The class the report's evaluation counts: the original's argmax, scored against the labels.
     let report: Value = app.get(&format!("/v1/jobs/{job}/report")).await.json().await.unwrap();
@@ -173,7 +193,10 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
     let classes: Vec<usize> = compressed.iter().map(|r| argmax(r)).collect();
     let original_classes: Vec<usize> = original.iter().map(|r| argmax(r)).collect();
     if top1 == 1.0 {
-        assert_eq!(classes, original_classes, "the report saw no class change on any sample");
+        assert_eq!(
+            classes, original_classes,
+            "the report saw no class change on any sample"
+        );
     }
     assert!(agree >= SAMPLES.len() - 1, "{classes:?} vs {original_classes:?}");
     let correct = classes.iter().zip(&labels).filter(|(c, l)| **c as i64 == **l).count();
@@ -203,8 +226,14 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
     let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["logits", "original.logits"]);
     assert_eq!(arrays[0].shape, vec![SAMPLES.len() as u64, 10]);
-    let logits: Vec<f64> = f32s(&arrays[0].read_all().unwrap()).into_iter().map(f64::from).collect();
-    assert_eq!(logits, compressed.concat(), "the .npz holds the same float32 values as the JSON");
+    // The JSON writes each float32 in its shortest round-trip form, so read back as float32 it
+    // is exactly the .npz's value.
+    let from_json: Vec<f32> = compressed.concat().into_iter().map(|v| v as f32).collect();
+    assert_eq!(
+        f32s(&arrays[0].read_all().unwrap()),
+        from_json,
+        "the .npz holds the JSON's float32 values"
+    );
     app.stop().await;
 }
 
@@ -214,11 +243,26 @@ async fn bad_inputs_get_422_naming_the_input_and_other_tenants_jobs_are_not_foun
     let job = digits_job(&app, json!([{"pass": "optimize"}])).await;
     let row = vec![0.0f32; 64];
     let cases = [
-        (json!({"inputs": {"pixels": [row.clone()]}}), "input \"pixels\" is not an input of this model"),
-        (json!({"inputs": {}}), "input \"input\" is missing: expected float32 [?, 64]"),
-        (json!({"inputs": {"input": [vec![0.0f32; 63]]}}), "input \"input\" has shape [1, 63] but the model expects float32 [?, 64]"),
-        (json!({"inputs": {"input": row.clone()}}), "input \"input\" has shape [64]"),
-        (json!({"inputs": {"input": [[1, "x"]]}}), "input \"input\": \"x\" is not a float32"),
+        (
+            json!({"inputs": {"pixels": [row.clone()]}}),
+            "input \"pixels\" is not an input of this model",
+        ),
+        (
+            json!({"inputs": {}}),
+            "input \"input\" is missing: expected float32 [?, 64]",
+        ),
+        (
+            json!({"inputs": {"input": [vec![0.0f32; 63]]}}),
+            "input \"input\" has shape [1, 63] but the model expects float32 [?, 64]",
+        ),
+        (
+            json!({"inputs": {"input": row.clone()}}),
+            "input \"input\" has shape [64]",
+        ),
+        (
+            json!({"inputs": {"input": [[1, "x"]]}}),
+            "input \"input\": \"x\" is not a float32",
+        ),
         (json!({"inputs": {"input": [row.clone(), [1.0]]}}), "ragged"),
     ];
     for (body, expected) in cases {
@@ -237,7 +281,10 @@ async fn bad_inputs_get_422_naming_the_input_and_other_tenants_jobs_are_not_foun
         .await
         .unwrap();
     let message = assert_error(r, 422, "invalid_input").await;
-    assert!(message.contains("input \"input\" must be float32 but is float64"), "{message}");
+    assert!(
+        message.contains("input \"input\" must be float32 but is float64"),
+        "{message}"
+    );
     // Malformed bodies and formats nobody can serve.
     let post = |ct: &'static str, accept: &'static str, body: &'static str| {
         app.client
@@ -247,12 +294,38 @@ async fn bad_inputs_get_422_naming_the_input_and_other_tenants_jobs_are_not_foun
             .body(body)
             .send()
     };
-    assert_error(post("application/json", "application/json", "{\"inputs\": [").await.unwrap(), 400, "invalid_json").await;
-    assert_error(post("application/json", "application/json", "{\"input\": {}}").await.unwrap(), 400, "invalid_json").await;
-    assert_error(post("text/csv", "application/json", "1,2").await.unwrap(), 415, "unsupported_media_type").await;
-    assert_error(post("application/json", "text/html", "{}").await.unwrap(), 406, "not_acceptable").await;
     assert_error(
-        post("application/octet-stream", "application/json", "not a zip").await.unwrap(),
+        post("application/json", "application/json", "{\"inputs\": [")
+            .await
+            .unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    assert_error(
+        post("application/json", "application/json", "{\"input\": {}}")
+            .await
+            .unwrap(),
+        400,
+        "invalid_json",
+    )
+    .await;
+    assert_error(
+        post("text/csv", "application/json", "1,2").await.unwrap(),
+        415,
+        "unsupported_media_type",
+    )
+    .await;
+    assert_error(
+        post("application/json", "text/html", "{}").await.unwrap(),
+        406,
+        "not_acceptable",
+    )
+    .await;
+    assert_error(
+        post("application/octet-stream", "application/json", "not a zip")
+            .await
+            .unwrap(),
         422,
         "invalid_input",
     )
@@ -297,14 +370,24 @@ async fn unfinished_unknown_and_oversized_requests_are_refused(pool: PgPool) {
     let model_id = app.upload_ok(fixture("mlp.onnx")).await;
     let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
     let job = job["id"].as_str().unwrap();
-    let small = json!({"inputs": {"input": [[0.0; 64]]}});
+    let small = json!({"inputs": {"input": [vec![0.0f32; 64]]}});
     let message = assert_error(infer_json(&app, job, "", small.clone()).await, 409, "job_not_finished").await;
     assert!(message.contains("queued"), "{message}");
-    let big = json!({"inputs": {"input": vec![[0.5f32; 64]; 10]}});
+    let big = json!({"inputs": {"input": vec![vec![0.5f32; 64]; 10]}});
     assert_error(infer_json(&app, job, "", big).await, 413, "payload_too_large").await;
     let unknown = uuid::Uuid::new_v4();
-    assert_error(infer_json(&app, &unknown.to_string(), "", small.clone()).await, 404, "not_found").await;
-    assert_error(infer_json(&app, "not-a-uuid", "", small.clone()).await, 404, "not_found").await;
+    assert_error(
+        infer_json(&app, &unknown.to_string(), "", small.clone()).await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        infer_json(&app, "not-a-uuid", "", small.clone()).await,
+        404,
+        "not_found",
+    )
+    .await;
     app.cancel(job).await;
     let r = infer_json(&app, job, "", small).await;
     assert_error(r, 409, "job_not_succeeded").await;
@@ -366,7 +449,11 @@ async fn a_request_past_the_time_limit_is_cut_off_and_the_next_one_works(pool: P
     let quick = infer_json(&app, job, "?compare=true", json!({"inputs": {"n": 3}})).await;
     assert_eq!(quick.status(), 200);
     let quick: Value = quick.json().await.unwrap();
-    assert_eq!(quick["difference"]["y"]["max_abs_error"], 0.0, "{}", quick["difference"]);
+    assert_eq!(
+        quick["difference"]["y"]["max_abs_error"], 0.0,
+        "{}",
+        quick["difference"]
+    );
 
     let start = Instant::now();
     let r = infer_json(&app, job, "", json!({"inputs": {"n": 1_000_000_000i64}})).await;
@@ -397,12 +484,15 @@ async fn sessions_past_the_memory_budget_are_unloaded_and_reloaded_on_demand(poo
     .await;
     let int8 = digits_job(&app, json!([{"pass": "quantize_int8_dynamic"}])).await;
     let fp32 = digits_job(&app, json!([{"pass": "optimize"}])).await;
-    let body = json!({"inputs": {"input": [[0.25f32; 64]]}});
+    let body = json!({"inputs": {"input": [vec![0.25f32; 64]]}});
     let mut answers = Vec::new();
     for job in [&int8, &fp32, &int8] {
         let r = infer_json(&app, job, "", body.clone()).await;
         assert_eq!(r.status(), 200);
-        assert!(r.headers().contains_key("x-inference-load-ms"), "each request loads again");
+        assert!(
+            r.headers().contains_key("x-inference-load-ms"),
+            "each request loads again"
+        );
         answers.push(r.json::<Value>().await.unwrap()["outputs"].clone());
     }
     assert_eq!(answers[0], answers[2], "a reloaded session answers the same");

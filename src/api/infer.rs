@@ -105,10 +105,7 @@ pub async fn infer(
     let difference = o_out.as_ref().map(|o| differences(&c_out, o));
     let mut response = match reply_format {
         Format::Json => {
-            let mut text = format!(
-                r#"{{"job_id":"{id}","outputs":{}"#,
-                tensors::outputs_json(&c_out)
-            );
+            let mut text = format!(r#"{{"job_id":"{id}","outputs":{}"#, tensors::outputs_json(&c_out));
             if let (Some(o), Some(d)) = (&o_out, &difference) {
                 let d = serde_json::to_string(d).map_err(|e| ApiError::Internal(e.into()))?;
                 text.push_str(&format!(
@@ -154,10 +151,7 @@ fn finished(job: &JobRow) -> ApiResult<()> {
         JobState::Succeeded => Ok(()),
         s if !s.is_terminal() => Err(ApiError::Conflict {
             code: "job_not_finished",
-            message: format!(
-                "the job is {}; its model can be run once the job succeeds",
-                s.as_str()
-            ),
+            message: format!("the job is {}; its model can be run once the job succeeds", s.as_str()),
         }),
         s => Err(ApiError::Conflict {
             code: "job_not_succeeded",
@@ -332,9 +326,7 @@ async fn parse_inputs(
         match format {
             Format::Json => {
                 let JsonInputs { inputs } = serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::InvalidJson(format!(
-                        "expected {{\"inputs\": {{name: nested arrays}}}}: {e}"
-                    ))
+                    ApiError::InvalidJson(format!("expected {{\"inputs\": {{name: nested arrays}}}}: {e}"))
                 })?;
                 tensors::from_json(&signature, inputs).map_err(invalid)
             }

@@ -197,11 +197,36 @@ fn inference(w: &mut String, pool: &crate::infer::InferencePool) {
     let (sessions, bytes) = pool.loaded();
     let stats = &pool.stats;
     for (name, kind, help, value) in [
-        ("modelpress_inference_sessions", "gauge", "Inference sessions loaded.", sessions as u64),
-        ("modelpress_inference_session_bytes", "gauge", "Memory the loaded inference sessions took to load.", bytes),
-        ("modelpress_inference_evictions_total", "counter", "Inference sessions unloaded to stay within the memory budget.", stats.evictions.load(Relaxed)),
-        ("modelpress_inference_timeouts_total", "counter", "Inference requests cut off at the time limit.", stats.timeouts.load(Relaxed)),
-        ("modelpress_inference_worker_restarts_total", "counter", "Inference worker processes replaced after dying or being killed.", stats.restarts.load(Relaxed)),
+        (
+            "modelpress_inference_sessions",
+            "gauge",
+            "Inference sessions loaded.",
+            sessions as u64,
+        ),
+        (
+            "modelpress_inference_session_bytes",
+            "gauge",
+            "Memory the loaded inference sessions took to load.",
+            bytes,
+        ),
+        (
+            "modelpress_inference_evictions_total",
+            "counter",
+            "Inference sessions unloaded to stay within the memory budget.",
+            stats.evictions.load(Relaxed),
+        ),
+        (
+            "modelpress_inference_timeouts_total",
+            "counter",
+            "Inference requests cut off at the time limit.",
+            stats.timeouts.load(Relaxed),
+        ),
+        (
+            "modelpress_inference_worker_restarts_total",
+            "counter",
+            "Inference worker processes replaced after dying or being killed.",
+            stats.restarts.load(Relaxed),
+        ),
     ] {
         let _ = writeln!(w, "# HELP {name} {help}");
         let _ = writeln!(w, "# TYPE {name} {kind}");

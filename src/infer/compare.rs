@@ -66,9 +66,11 @@ fn difference(c: &Tensor, o: &Tensor) -> OutputDifference {
     };
     let last = o.shape.last().copied().unwrap_or(1).max(0) as usize;
     let (agree, rows) = if last > 1 {
-        a.chunks(last).zip(b.chunks(last)).fold((0u64, 0u64), |(agree, rows), (x, y)| {
-            (agree + u64::from(argmax(x) == argmax(y)), rows + 1)
-        })
+        a.chunks(last)
+            .zip(b.chunks(last))
+            .fold((0u64, 0u64), |(agree, rows), (x, y)| {
+                (agree + u64::from(argmax(x) == argmax(y)), rows + 1)
+            })
     } else {
         (0, 0)
     };
@@ -111,7 +113,10 @@ mod tests {
     fn identical_outputs_agree_fully_and_missing_ones_say_so() {
         let y = [t("y", vec![1, 2], &[1.0, 2.0])];
         let d = &differences(&y, &y)["y"];
-        assert_eq!((d.max_abs_error, d.cosine, d.argmax_agreement), (Some(0.0), Some(1.0), Some(1.0)));
+        assert_eq!(
+            (d.max_abs_error, d.cosine, d.argmax_agreement),
+            (Some(0.0), Some(1.0), Some(1.0))
+        );
         let d = &differences(&[], &y)["y"];
         assert!(d.error.as_deref().unwrap().contains("no output \"y\""));
     }

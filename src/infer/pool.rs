@@ -410,9 +410,10 @@ impl InferencePool {
         };
         let deadline = Duration::from_millis(timeout_ms);
         let outcome = tokio::time::timeout(deadline, async {
-            written.await.map_err(|e| InferError::WorkerGone(format!("writing to it: {e}")))?;
-            rx.await
-                .map_err(|_| InferError::WorkerGone(exit_status(process)))
+            written
+                .await
+                .map_err(|e| InferError::WorkerGone(format!("writing to it: {e}")))?;
+            rx.await.map_err(|_| InferError::WorkerGone(exit_status(process)))
         })
         .await;
         match outcome {

@@ -128,7 +128,15 @@ pub fn from_json(signature: &[Signature], inputs: BTreeMap<String, Value>) -> Re
                 describe(sig)
             ))
         })?;
-        given.insert(name.clone(), Tensor { name, dtype, shape, data });
+        given.insert(
+            name.clone(),
+            Tensor {
+                name,
+                dtype,
+                shape,
+                data,
+            },
+        );
     }
     check(signature, given)
 }
@@ -155,7 +163,9 @@ fn flatten(
         return push_element(value, dtype, out).map_err(|why| format!("{why} at {index:?}"));
     }
     let Value::Array(items) = value else {
-        return Err(format!("the arrays are ragged: a number where an array was expected at {index:?}"));
+        return Err(format!(
+            "the arrays are ragged: a number where an array was expected at {index:?}"
+        ));
     };
     if items.len() as i64 != shape[depth] {
         return Err(format!(
@@ -194,7 +204,11 @@ fn push_element(value: &Value, dtype: NpyDtype, out: &mut Vec<u8>) -> Result<(),
         integer => {
             let v = n
                 .as_i64()
-                .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15).map(|f| f as i64))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                        .map(|f| f as i64)
+                })
                 .ok_or_else(what)?;
             let out_of_range = || format!("{v} is out of range for {}", integer.name());
             match integer {
@@ -378,21 +392,36 @@ mod tests {
         let t = from_json(&s, inputs(json!({"x": [[1, 2.5], [3, 4]], "n": 7}))).unwrap();
         assert_eq!(t[0].shape, vec![2, 2]);
         assert_eq!(widen(&t[0]), vec![1.0, 2.5, 3.0, 4.0]);
-        assert_eq!((t[1].dtype, t[1].shape.clone(), widen(&t[1])), (NpyDtype::Int64, vec![], vec![7.0]));
+        assert_eq!(
+            (t[1].dtype, t[1].shape.clone(), widen(&t[1])),
+            (NpyDtype::Int64, vec![], vec![7.0])
+        );
         assert_eq!(outputs_json(&t), r#"{"x":[[1,2.5],[3,4]],"n":7}"#);
     }
 
     #[test]
     fn wrong_inputs_are_refused_naming_the_input_and_what_was_expected() {
-        let s = [sig("x", "float32", vec![None, Some(2)]), sig("ids", "int32", vec![Some(2)])];
+        let s = [
+            sig("x", "float32", vec![None, Some(2)]),
+            sig("ids", "int32", vec![Some(2)]),
+        ];
         let cases = [
             (json!({"x": [[1, 2]]}), "input \"ids\" is missing: expected int32 [2]"),
-            (json!({"x": [[1, 2]], "ids": [1, 2], "y": 1}), "input \"y\" is not an input"),
-            (json!({"x": [[1, 2, 3]], "ids": [1, 2]}), "input \"x\" has shape [1, 3] but the model expects float32 [?, 2]"),
+            (
+                json!({"x": [[1, 2]], "ids": [1, 2], "y": 1}),
+                "input \"y\" is not an input",
+            ),
+            (
+                json!({"x": [[1, 2, 3]], "ids": [1, 2]}),
+                "input \"x\" has shape [1, 3] but the model expects float32 [?, 2]",
+            ),
             (json!({"x": [[1, 2], [3]], "ids": [1, 2]}), "ragged"),
             (json!({"x": [[1, "a"]], "ids": [1, 2]}), "\"a\" is not a float32"),
             (json!({"x": [[1, 2]], "ids": [1, 2.5]}), "2.5 is not a int32"),
-            (json!({"x": [[1, 2]], "ids": [1, 3000000000u64]}), "out of range for int32"),
+            (
+                json!({"x": [[1, 2]], "ids": [1, 3000000000u64]}),
+                "out of range for int32",
+            ),
         ];
         for (body, expected) in cases {
             let err = from_json(&s, inputs(body)).unwrap_err().to_string();
@@ -406,7 +435,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let x: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let body = npz::encode_npz(&[("x.npy", npz::encode_npy("<f8", &[1, 2], &x))]).unwrap();
-        let err = from_npz(&s, &body, &dir.path().join("a"), 1 << 20).unwrap_err().to_string();
+        let err = from_npz(&s, &body, &dir.path().join("a"), 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("input \"x\" must be float32 but is float64"), "{err}");
 
         let t = Tensor {

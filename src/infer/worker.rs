@@ -130,19 +130,24 @@ impl Worker {
             return Ok(loaded.clone());
         }
         let before = resident_bytes();
-        let session = self
-            .runtime
-            .session_on(path, threads, provider)
-            .map_err(|e| match e {
-                RuntimeError::ProviderUnavailable(m) => (FailureCode::ProviderUnavailable, m),
-                other if provider == Provider::Cuda => (FailureCode::ProviderUnavailable, other.to_string()),
-                other => (FailureCode::ModelLoad, other.to_string()),
-            })?;
+        let session = self.runtime.session_on(path, threads, provider).map_err(|e| match e {
+            RuntimeError::ProviderUnavailable(m) => (FailureCode::ProviderUnavailable, m),
+            other if provider == Provider::Cuda => (FailureCode::ProviderUnavailable, other.to_string()),
+            other => (FailureCode::ModelLoad, other.to_string()),
+        })?;
         let file_size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let grown = resident_bytes().saturating_sub(before);
         let loaded = Arc::new(Loaded {
-            inputs: session.inputs().iter().map(|o| signature(o.name(), o.dtype())).collect(),
-            outputs: session.outputs().iter().map(|o| signature(o.name(), o.dtype())).collect(),
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|o| signature(o.name(), o.dtype()))
+                .collect(),
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|o| signature(o.name(), o.dtype()))
+                .collect(),
             session: Mutex::new(session),
             memory_bytes: grown.max(file_size),
         });
