@@ -318,7 +318,7 @@ async fn parse_inputs(
     let signature = signature.to_vec();
     let scratch = state.config.scratch_dir();
     let max = state.config.inference.max_body_bytes as u64 * 4;
-    let parsed = tokio::task::spawn_blocking(move || -> ApiResult<Vec<Tensor>> {
+    tokio::task::spawn_blocking(move || -> ApiResult<Vec<Tensor>> {
         let invalid = |e: InvalidInput| ApiError::Unprocessable {
             code: "invalid_input",
             message: format!("{whose}{e}"),
@@ -338,8 +338,7 @@ async fn parse_inputs(
         }
     })
     .await
-    .map_err(|e| ApiError::Internal(e.into()))?;
-    parsed
+    .map_err(|e| ApiError::Internal(e.into()))?
 }
 
 impl From<InferError> for ApiError {

@@ -58,9 +58,16 @@ impl PreparedInputs {
     }
 }
 
-/// A numeric tensor output as it came out: its dtype, shape and little-endian bytes; `None` for
-/// values that are not numeric tensors.
-pub fn raw_tensor(value: &DynValue) -> Result<Option<(NpyDtype, Vec<i64>, Vec<u8>)>, ort::Error> {
+/// An output as it came out of ORT, in its own dtype: little-endian element bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: NpyDtype,
+    pub shape: Vec<i64>,
+    pub bytes: Vec<u8>,
+}
+
+/// A numeric tensor output without widening; `None` for values that are not numeric tensors.
+pub fn raw_tensor(value: &DynValue) -> Result<Option<RawTensor>, ort::Error> {
     let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
         return Ok(None);
     };
@@ -86,7 +93,11 @@ pub fn raw_tensor(value: &DynValue) -> Result<Option<(NpyDtype, Vec<i64>, Vec<u8
         TensorElementType::Bool => bytes_of!(bool, NpyDtype::Bool, |v| [u8::from(*v)]),
         _ => return Ok(None),
     };
-    Ok(Some((dtype, dims, bytes)))
+    Ok(Some(RawTensor {
+        dtype,
+        shape: dims,
+        bytes,
+    }))
 }
 
 fn widen(value: &DynValue) -> Result<(Vec<i64>, Option<Vec<f64>>), ort::Error> {

@@ -185,7 +185,7 @@ fn run(loaded: &Loaded, tensors: Vec<super::protocol::Tensor>) -> Result<(Vec<Te
     let mut data = Vec::new();
     for (name, value) in outputs.iter() {
         let raw = raw_tensor(&value).map_err(|e| (FailureCode::Run, format!("output {name:?}: {e}")))?;
-        let (dtype, shape, bytes) = raw.ok_or_else(|| {
+        let raw = raw.ok_or_else(|| {
             (
                 FailureCode::UnsupportedOutput,
                 format!("output {name:?} is not a numeric tensor (a sequence, map or string); it cannot be returned"),
@@ -193,10 +193,10 @@ fn run(loaded: &Loaded, tensors: Vec<super::protocol::Tensor>) -> Result<(Vec<Te
         })?;
         headers.push(TensorHeader {
             name: name.to_string(),
-            dtype,
-            shape,
+            dtype: raw.dtype,
+            shape: raw.shape,
         });
-        data.push(bytes);
+        data.push(raw.bytes);
     }
     Ok((headers, data))
 }
