@@ -25,6 +25,7 @@ out=BENCHMARKS.md.tmp
   .venv/bin/python bench/quantize_vs_python.py
   .venv/bin/python bench/physical_reference.py
   bench/service_bench.sh
+  bench/infer_bench.sh
 } > "$out"
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

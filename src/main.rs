@@ -159,13 +159,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match modelpress::infer::worker::serve(runtime, threads) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("modelpress infer-worker: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            let Err(e) = modelpress::infer::worker::serve(runtime, threads);
+            eprintln!("modelpress infer-worker: {e}");
+            ExitCode::FAILURE
         }
         command => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -38,7 +38,7 @@ struct Worker {
 type Failure = (FailureCode, String);
 
 /// Serves requests from stdin until it closes.
-pub fn serve(runtime: Runtime, threads: usize) -> io::Result<()> {
+pub fn serve(runtime: Runtime, threads: usize) -> io::Result<std::convert::Infallible> {
     let worker = Arc::new(Worker {
         runtime,
         sessions: Mutex::default(),
@@ -64,11 +64,10 @@ pub fn serve(runtime: Runtime, threads: usize) -> io::Result<()> {
             break;
         }
     }
-    drop(tx);
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    // The API closed our stdin (it stopped, or gave up on us): nobody is left to answer, so runs
+    // still in progress are abandoned rather than waited for.
+    drop((tx, handles));
+    std::process::exit(0)
 }
 
 impl Worker {
