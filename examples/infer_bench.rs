@@ -118,7 +118,11 @@ fn nested(values: &[f32], shape: &[i64]) -> Value {
         None => Value::from(values[0]),
         Some((&n, rest)) => {
             let step = values.len() / n.max(1) as usize;
-            Value::Array((0..n as usize).map(|i| nested(&values[i * step..(i + 1) * step], rest)).collect())
+            Value::Array(
+                (0..n as usize)
+                    .map(|i| nested(&values[i * step..(i + 1) * step], rest))
+                    .collect(),
+            )
         }
     }
 }
@@ -173,31 +177,8 @@ async fn endpoint(
     duration: Duration,
 ) -> Cell {
     let client = reqwest::Client::new();
-    let send = |client: reqwest::Client, url: String, body: Vec<u8>| async move {
-        let t = Instant::now();
-        let r = client
-            .post(&url)
-            .header("content-type", ctype)
-            .header("accept", ctype)
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = r.status();
-        let server: Option<f64> = r
-            .headers()
-            .get("x-inference-ms")
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        let text = r.bytes().await.expect("body");
-        assert!(
-            status.is_success(),
-            "{url}: {status} {}",
-            String::from_utf8_lossy(&text)
-        );
-        (t.elapsed().as_secs_f64() * 1000.0, server.unwrap_or(f64::NAN))
-    };
     for _ in 0..20 {
-        send(client.clone(), url.clone(), body.clone()).await;
+        send(client.clone(), url.clone(), body.clone(), ctype).await;
     }
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
@@ -206,7 +187,7 @@ async fn endpoint(
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 while start.elapsed() < duration {
-                    out.push(send(client.clone(), url.clone(), body.clone()).await);
+                    out.push(send(client.clone(), url.clone(), body.clone(), ctype).await);
                 }
                 out
             })
@@ -261,7 +242,11 @@ fn report(cells: &[Cell], seconds: f64) {
             l.len() as f64 / c.seconds,
             p50,
             percentile(&l, 0.99),
-            if s.is_empty() { "–".into() } else { format!("{:.3}", percentile(&s, 0.5)) },
+            if s.is_empty() {
+                "–".into()
+            } else {
+                format!("{:.3}", percentile(&s, 0.5))
+            },
             l.len()
         );
     }
@@ -270,7 +255,10 @@ fn report(cells: &[Cell], seconds: f64) {
     println!();
     println!("| Model | Path | Overhead ms | Target (< 1 ms for small models) |");
     println!("|---|---|---:|---|");
-    for c in cells.iter().filter(|c| c.clients == 1 && c.path.starts_with("endpoint")) {
+    for c in cells
+        .iter()
+        .filter(|c| c.clients == 1 && c.path.starts_with("endpoint"))
+    {
         let direct = p50s[&(c.case.clone(), "direct ORT (in process)", 1)];
         let overhead = p50s[&(c.case.clone(), c.path, 1)] - direct;
         println!(
@@ -281,4 +269,29 @@ fn report(cells: &[Cell], seconds: f64) {
         );
     }
     println!();
+}
+
+/// One request: (latency ms as the client saw it, the server's X-Inference-Ms).
+async fn send(client: reqwest::Client, url: String, body: Vec<u8>, ctype: &'static str) -> (f64, f64) {
+    let t = Instant::now();
+    let r = client
+        .post(&url)
+        .header("content-type", ctype)
+        .header("accept", ctype)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status();
+    let server: Option<f64> = r
+        .headers()
+        .get("x-inference-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let text = r.bytes().await.expect("body");
+    assert!(
+        status.is_success(),
+        "{url}: {status} {}",
+        String::from_utf8_lossy(&text)
+    );
+    (t.elapsed().as_secs_f64() * 1000.0, server.unwrap_or(f64::NAN))
 }
