@@ -69,9 +69,10 @@ pub async fn infer(
     let provider = provider_of(&state, &job)?;
 
     let compressed = compressed_model(&state, tenant, &job, provider).await?;
-    let original = match q.compare {
-        true => Some(original_model(&state, tenant, &job, provider).await?),
-        false => None,
+    let original = if q.compare {
+        Some(original_model(&state, tenant, &job, provider).await?)
+    } else {
+        None
     };
     let pool = &state.inference;
     let (c_session, o_session) = tokio::try_join!(pool.session(&compressed), async {
@@ -100,10 +101,20 @@ pub async fn infer(
         .filter_map(|s: &Session| s.load_ms)
         .reduce(f64::max);
 
-    let c_out = c_out.outputs;
-    let o_out = o_out.map(|o| o.outputs);
+    let mut response = respond(reply_format, id, c_out.outputs, o_out.map(|o| o.outputs))?;
+    let h = response.headers_mut();
+    h.insert("x-inference-ms", ms_header(inference_ms));
+    if let Some(ms) = load_ms {
+        h.insert("x-inference-load-ms", ms_header(ms));
+    }
+    Ok(response)
+}
+
+/// The outputs in the form the client asked for; with the original's (`o_out`), those and the
+/// difference.
+fn respond(format: Format, id: Uuid, c_out: Vec<Tensor>, o_out: Option<Vec<Tensor>>) -> ApiResult<Response> {
     let difference = o_out.as_ref().map(|o| differences(&c_out, o));
-    let mut response = match reply_format {
+    Ok(match format {
         Format::Json => {
             let mut text = format!(r#"{{"job_id":"{id}","outputs":{}"#, tensors::outputs_json(&c_out));
             if let (Some(o), Some(d)) = (&o_out, &difference) {
@@ -132,13 +143,7 @@ pub async fn infer(
             }
             r
         }
-    };
-    let h = response.headers_mut();
-    h.insert("x-inference-ms", ms_header(inference_ms));
-    if let Some(ms) = load_ms {
-        h.insert("x-inference-load-ms", ms_header(ms));
-    }
-    Ok(response)
+    })
 }
 
 fn ms_header(ms: f64) -> HeaderValue {
