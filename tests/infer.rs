@@ -122,6 +122,21 @@ async fn the_compressed_digits_model_answers_like_onnx_runtime_and_compare_shows
     let dir = tempfile::tempdir().unwrap();
     let (rows, labels) = samples(dir.path());
 
+    // Eight clients at once on a cold model: one of them loads it, all share the session.
+    let body = json!({"inputs": {"input": rows}});
+    let concurrent = futures::future::join_all((0..8).map(|_| infer_json(&app, &job, "", body.clone()))).await;
+    let mut loads = 0;
+    let mut answers = Vec::new();
+    for r in concurrent {
+        assert_eq!(r.status(), 200);
+        loads += usize::from(r.headers().contains_key("x-inference-load-ms"));
+        answers.push(r.json::<Value>().await.unwrap()["outputs"].clone());
+    }
+    assert_eq!(loads, 1, "the model is loaded once");
+    assert!(answers.windows(2).all(|w| w[0] == w[1]));
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("modelpress_inference_sessions 1\n"), "{metrics}");
+
     // The compressed model alone.
     let r = infer_json(&app, &job, "", json!({"inputs": {"input": rows}})).await;
     assert_eq!(r.status(), 200);
