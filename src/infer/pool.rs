@@ -344,6 +344,9 @@ impl InferencePool {
             }
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(slot, "an inference worker exited; starting a new one");
+            let dead = p.generation;
+            let mut models = self.models.lock().expect("models lock");
+            models.entries.retain(|_, e| e.generation != dead);
         }
         let process = Arc::new(self.spawn()?);
         *current = Some(process.clone());
