@@ -21,7 +21,7 @@ PY=.venv/bin/python
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/ort-dylib.sh)}"
 export ORT_DYLIB_PATH
 MODELS_DIR="${MODELPRESS_MODELS_DIR:-$(scripts/fetch-models.sh)}"
-cls=$(find "$MODELS_DIR" -name ch_ppocr_mobile_v2.0_cls_infer.onnx | head -n 1)
+cls=$(find -L "$MODELS_DIR" -name ch_ppocr_mobile_v2.0_cls_infer.onnx | head -n 1)
 [ -n "$cls" ] || die "ch_ppocr_mobile_v2.0_cls_infer.onnx not found under $MODELS_DIR"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/modelpress-inferbench.XXXXXX")

@@ -321,7 +321,6 @@ async fn parse_inputs(
 ) -> ApiResult<Vec<Tensor>> {
     let body = body.clone();
     let signature = signature.to_vec();
-    let scratch = state.config.scratch_dir();
     let max = state.config.inference.max_body_bytes as u64 * 4;
     tokio::task::spawn_blocking(move || -> ApiResult<Vec<Tensor>> {
         let invalid = |e: InvalidInput| ApiError::Unprocessable {
@@ -335,11 +334,7 @@ async fn parse_inputs(
                 })?;
                 tensors::from_json(&signature, inputs).map_err(invalid)
             }
-            Format::Npz => {
-                std::fs::create_dir_all(&scratch).map_err(|e| ApiError::Internal(e.into()))?;
-                let dir = tempfile::tempdir_in(&scratch).map_err(|e| ApiError::Internal(e.into()))?;
-                tensors::from_npz(&signature, &body, dir.path(), max).map_err(invalid)
-            }
+            Format::Npz => tensors::from_npz(&signature, &body, max).map_err(invalid),
         }
     })
     .await

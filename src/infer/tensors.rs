@@ -3,7 +3,6 @@
 //! shape is answered with what was expected instead of an ONNX Runtime error.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use half::f16;
 use serde_json::Value;
@@ -232,31 +231,21 @@ fn short(value: &Value) -> String {
     }
 }
 
-/// `.npz` inputs (one array per input, named as the input), unpacked under `scratch`.
-pub fn from_npz(
-    signature: &[Signature],
-    body: &[u8],
-    scratch: &Path,
-    max_bytes: u64,
-) -> Result<Vec<Tensor>, InvalidInput> {
-    let io = |e: std::io::Error| invalid(format!("reading the .npz body: {e}"));
-    std::fs::create_dir_all(scratch).map_err(io)?;
-    let file = scratch.join("inputs.npz");
-    std::fs::write(&file, body).map_err(io)?;
-    let arrays = npz::unpack(&file, scratch, max_bytes).map_err(|e| invalid(format!("the .npz body: {e}")))?;
-    let mut given = BTreeMap::new();
-    for a in arrays {
-        let data = a.read_all().map_err(|e| invalid(format!("array {:?}: {e}", a.name)))?;
-        given.insert(
-            a.name.clone(),
-            Tensor {
+/// `.npz` inputs (one array per input, named as the input), read in memory.
+pub fn from_npz(signature: &[Signature], body: &[u8], max_bytes: u64) -> Result<Vec<Tensor>, InvalidInput> {
+    let arrays = npz::read_in_memory(body, max_bytes).map_err(|e| invalid(format!("the .npz body: {e}")))?;
+    let given = arrays
+        .into_iter()
+        .map(|(a, data)| {
+            let tensor = Tensor {
                 name: a.name.clone(),
                 dtype: a.dtype,
                 shape: a.shape.iter().map(|&d| d as i64).collect(),
                 data,
-            },
-        );
-    }
+            };
+            (a.name, tensor)
+        })
+        .collect();
     check(signature, given)
 }
 
@@ -432,12 +421,9 @@ mod tests {
     #[test]
     fn npz_inputs_must_match_the_dtype_exactly_and_outputs_round_trip_through_npz() {
         let s = [sig("x", "float32", vec![None, Some(2)])];
-        let dir = tempfile::tempdir().unwrap();
         let x: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let body = npz::encode_npz(&[("x.npy", npz::encode_npy("<f8", &[1, 2], &x))]).unwrap();
-        let err = from_npz(&s, &body, &dir.path().join("a"), 1 << 20)
-            .unwrap_err()
-            .to_string();
+        let err = from_npz(&s, &body, 1 << 20).unwrap_err().to_string();
         assert!(err.contains("input \"x\" must be float32 but is float64"), "{err}");
 
         let t = Tensor {
@@ -447,7 +433,7 @@ mod tests {
             data: [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
         let body = to_npz(&[("", std::slice::from_ref(&t))]).unwrap();
-        let back = from_npz(&s, &body, &dir.path().join("b"), 1 << 20).unwrap();
+        let back = from_npz(&s, &body, 1 << 20).unwrap();
         assert_eq!(back, vec![t]);
     }
 }
