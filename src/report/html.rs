@@ -114,6 +114,9 @@ pub fn render(report: &Report) -> String {
     header(&mut out, report);
     summary(&mut out, report);
     warnings(&mut out, &report.warnings);
+    if let Some(a) = report.advisor.as_deref() {
+        super::advisor_html::section(&mut out, a, report.original.size_bytes);
+    }
     charts(&mut out, report);
     task_metrics(&mut out, report);
     fidelity(&mut out, report);
@@ -384,11 +387,21 @@ fn warnings(out: &mut String, warnings: &[String]) {
 fn charts(out: &mut String, report: &Report) {
     let (name, lower, o, r) = headline(report);
     out.push_str("<h2>Size × quality</h2>\n<figure>\n");
-    let points = [
-        ("original", report.original.size_bytes, o),
-        ("result", report.result.size_bytes, r),
-    ];
-    out.push_str(&scatter_svg(&points, &name, lower, Some(1)));
+    match report.advisor.as_deref() {
+        // Every candidate the advisor measured, on the goal's metric.
+        Some(a) => {
+            let sc = super::advisor_html::scatter_points(a, report.original.size_bytes);
+            let points: Vec<(&str, u64, f64)> = sc.points.iter().map(|(l, s, m)| (l.as_str(), *s, *m)).collect();
+            out.push_str(&scatter_svg(&points, &sc.metric, sc.lower_is_better, sc.chosen));
+        }
+        None => {
+            let points = [
+                ("original", report.original.size_bytes, o),
+                ("result", report.result.size_bytes, r),
+            ];
+            out.push_str(&scatter_svg(&points, &name, lower, Some(1)));
+        }
+    }
     w!(
         out,
         "<figcaption><div class=\"legend\">\
@@ -675,6 +688,72 @@ fn passes(out: &mut String, report: &Report) {
             }
         }
         out.push_str("</td></tr>\n");
+    }
+    out.push_str("</table>\n");
+    for p in report.passes.iter().filter(|p| !p.layers.is_empty()) {
+        layers(out, p);
+    }
+}
+
+/// The per-weight table of a pass that keeps one; columns a pass does not fill are left out.
+fn layers(out: &mut String, p: &crate::report::PassRecord) {
+    let has = |f: fn(&crate::compress::LayerRecord) -> bool| p.layers.iter().any(f);
+    let (sparse, rank, clusters, err) = (
+        has(|l| l.sparsity.is_some()),
+        has(|l| l.rank.is_some()),
+        has(|l| l.clusters.is_some()),
+        has(|l| l.max_abs_error.is_some()),
+    );
+    w!(
+        out,
+        "<h3><code>{}</code>: per weight</h3>\n<table class=\"layers\">\n<tr><th class=\"text\">weight</th>\
+         <th class=\"text\">nodes</th><th>shape</th><th>parameters</th><th>bytes</th>",
+        escape(&p.pass)
+    );
+    for (on, head) in [
+        (sparse, "sparsity"),
+        (rank, "rank (energy)"),
+        (clusters, "clusters"),
+        (err, "max abs error"),
+    ] {
+        if on {
+            w!(out, "<th>{head}</th>");
+        }
+    }
+    out.push_str("</tr>\n");
+    for l in &p.layers {
+        let dims: Vec<String> = l.shape.iter().map(|d| d.to_string()).collect();
+        w!(
+            out,
+            "<tr><td class=\"text\"><code>{}</code></td><td class=\"text\">{}</td><td>{}</td><td>{} → {}</td>\
+             <td>{} → {}</td>",
+            escape(&l.weight),
+            escape(&l.nodes.join(", ")),
+            dims.join("×"),
+            l.parameters_before,
+            l.parameters_after,
+            l.bytes_before,
+            l.bytes_after
+        );
+        let pct = |v: Option<f64>| v.map_or(String::new(), |v| format!("{:.1}%", v * 100.0));
+        if sparse {
+            w!(out, "<td>{} → {}</td>", pct(l.sparsity_before), pct(l.sparsity));
+        }
+        if rank {
+            w!(
+                out,
+                "<td>{} ({})</td>",
+                l.rank.map_or(String::new(), |r| r.to_string()),
+                pct(l.retained_energy)
+            );
+        }
+        if clusters {
+            w!(out, "<td>{}</td>", l.clusters.map_or(String::new(), |c| c.to_string()));
+        }
+        if err {
+            w!(out, "<td>{}</td>", l.max_abs_error.map_or(String::new(), sci));
+        }
+        out.push_str("</tr>\n");
     }
     out.push_str("</table>\n");
 }
@@ -1182,7 +1261,7 @@ fn json_inline(value: &Value) -> String {
 }
 
 /// `x` to `digits` significant digits (fixed notation).
-fn sig(x: f64, digits: i32) -> String {
+pub(crate) fn sig(x: f64, digits: i32) -> String {
     if !x.is_finite() {
         return x.to_string();
     }
@@ -1286,7 +1365,7 @@ fn opt(x: Option<f64>, f: fn(f64) -> String) -> String {
 }
 
 /// A duration in milliseconds, in the unit that reads best.
-fn duration(ms: f64) -> String {
+pub(crate) fn duration(ms: f64) -> String {
     if !ms.is_finite() {
         return format!("{ms} ms");
     }
@@ -1308,7 +1387,7 @@ fn group(n: u64) -> String {
 }
 
 /// Bytes in decimal units (kB, MB), as on the scatter's axis.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;
