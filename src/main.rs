@@ -97,6 +97,13 @@ enum Command {
         #[arg(long, hide = true)]
         evaluation: Option<String>,
     },
+    /// Hold inference sessions for the API: length-prefixed requests on stdin, replies on stdout.
+    /// The API starts these itself (`[inference]` in the configuration).
+    InferWorker {
+        /// Requests run at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +184,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::InferWorker { threads } => {
+            let runtime = match Runtime::init(&config.onnxruntime.dylib_path) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("modelpress infer-worker: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Err(e) = modelpress::infer::worker::serve(runtime, threads);
+            eprintln!("modelpress infer-worker: {e}");
+            ExitCode::FAILURE
+        }
         command => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             match runtime.block_on(run_async(config, command)) {
@@ -224,7 +243,7 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Keys { action } => return keys(&config, action).await,
-        Command::Compress { .. } => unreachable!("handled without a runtime"),
+        Command::Compress { .. } | Command::InferWorker { .. } => unreachable!("handled without a runtime"),
     };
     let pool = db::connect(&config.database.url, config.database.max_connections)
         .await

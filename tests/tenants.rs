@@ -187,7 +187,8 @@ async fn another_tenants_ids_answer_exactly_like_missing_ids_on_every_route(pool
             | "GET /v1/jobs/{id}/events"
             | "GET /v1/jobs/{id}/report"
             | "GET /v1/jobs/{id}/report.html"
-            | "GET /v1/jobs/{id}/webhooks" => Some((a.job.clone(), String::new())),
+            | "GET /v1/jobs/{id}/webhooks"
+            | "POST /v1/jobs/{id}/infer" => Some((a.job.clone(), String::new())),
             "GET /v1/jobs/{id}/artifacts/{name}" => Some((a.job.clone(), "model.onnx".to_string())),
             // Routes without an id: checked below.
             "GET /v1/models"

@@ -31,19 +31,40 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict {
+        code: &'static str,
+        message: String,
+    },
     #[error("{message}")]
-    Unprocessable { code: &'static str, message: String },
+    Unprocessable {
+        code: &'static str,
+        message: String,
+    },
     #[error("the requested range is outside the {len}-byte object")]
-    RangeNotSatisfiable { len: u64 },
+    RangeNotSatisfiable {
+        len: u64,
+    },
     #[error("{0}")]
     NotReady(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("too many requests for this API key; retry in {retry_after_s} s")]
-    RateLimited { retry_after_s: u64 },
+    RateLimited {
+        retry_after_s: u64,
+    },
     #[error("{0}")]
     QuotaExceeded(String),
+    NotAcceptable(String),
+    #[error("{message}")]
+    Unavailable {
+        code: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    Timeout {
+        code: &'static str,
+        message: String,
+    },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -70,6 +91,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::Timeout { code, .. } => (StatusCode::GATEWAY_TIMEOUT, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+mod infer;
 pub mod jobs;
 pub mod metrics;
 mod models;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub events: tokio::sync::broadcast::Sender<uuid::Uuid>,
     pub http_metrics: Arc<metrics::HttpMetrics>,
     pub rate_limiter: Arc<ratelimit::RateLimiter>,
+    /// The inference worker processes behind `POST /v1/jobs/{id}/infer`.
+    pub inference: Arc<crate::infer::InferencePool>,
 }
 
 /// Builds the router while recording every (method, path) it serves, so the OpenAPI document can be
@@ -104,6 +107,11 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs/{id}/report.html", routing::get(jobs::report_html))
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
         .add(M::GET, "/v1/jobs/{id}/webhooks", routing::get(webhooks::list))
+        .add(
+            M::POST,
+            "/v1/jobs/{id}/infer",
+            routing::post(infer::infer).layer(DefaultBodyLimit::disable()),
+        )
 }
 
 /// Every (method, path) the API serves, in OpenAPI path syntax (a `{*rest}` wildcard is written
