@@ -31,40 +31,25 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{message}")]
-    Conflict {
-        code: &'static str,
-        message: String,
-    },
+    Conflict { code: &'static str, message: String },
     #[error("{message}")]
-    Unprocessable {
-        code: &'static str,
-        message: String,
-    },
+    Unprocessable { code: &'static str, message: String },
     #[error("the requested range is outside the {len}-byte object")]
-    RangeNotSatisfiable {
-        len: u64,
-    },
+    RangeNotSatisfiable { len: u64 },
     #[error("{0}")]
     NotReady(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("too many requests for this API key; retry in {retry_after_s} s")]
-    RateLimited {
-        retry_after_s: u64,
-    },
+    RateLimited { retry_after_s: u64 },
     #[error("{0}")]
     QuotaExceeded(String),
+    #[error("{0}")]
     NotAcceptable(String),
     #[error("{message}")]
-    Unavailable {
-        code: &'static str,
-        message: String,
-    },
+    Unavailable { code: &'static str, message: String },
     #[error("{message}")]
-    Timeout {
-        code: &'static str,
-        message: String,
-    },
+    Timeout { code: &'static str, message: String },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
