@@ -134,6 +134,11 @@ pub fn plan(
         label: "int8 static (per-channel, minmax)".into(),
         recipe: recipe(json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "minmax"}])),
     };
+    // One scale per tensor: the fewest bytes of metadata (CNNs with many small channels).
+    let static_per_tensor = Plan {
+        label: "int8 static (per-tensor, minmax)".into(),
+        recipe: recipe(json!([{"pass": "quantize_int8_static", "per_channel": false, "calibration": "minmax"}])),
+    };
     let static_percentile = Plan {
         label: "int8 static (per-channel, percentile 99.99)".into(),
         recipe: recipe(
@@ -306,6 +311,11 @@ pub fn plan(
             add(int4_ok, &low_rank(0.9, Some(int4_step.clone()), " + int4 weight-only"));
             add(int4_ok, &int4(128));
             add(static_ok, &static_minmax);
+            add(static_ok, &static_per_tensor);
+            add(
+                prunable && static_ok,
+                &pruned(0.3, Some(static_step.clone()), " + int8 static"),
+            );
             add(dynamic_ok, &dynamic);
             add(dynamic_ok && fp16_ok, &dynamic_then_fp16);
             add(static_ok, &static_percentile);
@@ -337,6 +347,25 @@ pub fn plan(
             add(static_ok, &static_percentile);
             add(static_ok, &static_minmax);
             add(int4_ok, &int4(32));
+        }
+    }
+    // "Most accurate under a size cap" needs the small candidates too, after the accurate ones.
+    if goal.objective == Objective::MostAccurate && goal.constraints.max_size_bytes.is_some() {
+        let small = plan(
+            compressible,
+            parameters,
+            &Goal {
+                objective: Objective::Smallest,
+                ..goal.clone()
+            },
+            provider,
+            cpu,
+        )
+        .1;
+        for p in small {
+            if !plans.iter().any(|q| q.label == p.label) {
+                plans.push(p);
+            }
         }
     }
     let preflight = Preflight {

@@ -328,6 +328,15 @@ impl Pass for Reconstruct {
                 ));
                 continue;
             }
+            // Fewer rows than twice the unknowns per output: the fit would follow the calibration
+            // samples, not the layer (seen on PP-OCR cls's classifier with 32 synthetic samples).
+            if (rows as usize) < 2 * d {
+                out.notes.push(format!(
+                    "{}: {rows} calibration row(s) for {d} unknowns per output; too few to fit, kept",
+                    layer.node
+                ));
+                continue;
+            }
             for i in 0..d {
                 for j in 0..i {
                     xtx[j * d + i] = xtx[i * d + j];
