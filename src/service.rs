@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::eval::Runtime;
-use crate::storage::{LocalStorage, Storage};
+use crate::retention;
+use crate::storage::{LocalStorage, S3Storage, Storage};
 use crate::worker::{self, WorkerContext};
 
 pub struct ServiceOptions {
@@ -21,7 +22,14 @@ pub struct ServiceOptions {
     pub workers: bool,
 }
 
+/// The store `storage.backend` names. Building an S3 store checks its settings but contacts
+/// nothing; the first request does.
 pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    if config.storage.backend == "s3" {
+        let s3 = S3Storage::new(&config.s3_options())
+            .with_context(|| format!("configuring the S3 store (bucket {:?})", config.storage.bucket))?;
+        return Ok(Arc::new(s3));
+    }
     let root = config.storage_root();
     let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
     Ok(Arc::new(local))
@@ -40,7 +48,13 @@ pub async fn run(
         tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
     }
 
+    tracing::info!(store = %storage.describe(), "object store");
+
     let mut tasks = tokio::task::JoinSet::new();
+    if config.retention.sweep_interval_s > 0 {
+        let (pool, storage, retention) = (pool.clone(), storage.clone(), config.retention.clone());
+        tasks.spawn(retention::run(pool, storage, retention, shutdown.clone()));
+    }
     if options.workers {
         let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone())?;
         tasks.spawn(worker::run(ctx, shutdown.clone()));

@@ -98,6 +98,8 @@ pub struct JobRow {
     pub dataset_id: Option<Uuid>,
     /// The job's evaluation options (`eval::dataset::EvaluationOptions` as JSON).
     pub evaluation: Json<Value>,
+    /// Set when retention deleted the job's artifacts.
+    pub artifacts_expired_at: Option<DateTime<Utc>>,
 }
 
 pub struct NewJob<'a> {
