@@ -2,6 +2,8 @@
 //! port, against the fresh database `#[sqlx::test]` made for the test.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
