@@ -45,9 +45,10 @@ pub struct StorageConfig {
     pub region: String,
     pub allow_http: bool,
     pub part_size_mb: usize,
+    /// Credentials are never written back out: a worker serializes its configuration for each
+    /// job process, which has no use for them.
+    #[serde(default, skip_serializing)]
     pub access_key_id: String,
-    /// Never written back out: a worker serializes its configuration for each job process, which
-    /// has no use for the store's credentials.
     #[serde(default, skip_serializing)]
     pub secret_access_key: Secret,
 }
@@ -265,6 +266,11 @@ mod tests {
         assert!(!format!("{config:?}").contains("s3cret"), "Debug hides the secret");
         let written = toml::to_string(&config).unwrap();
         assert!(!written.contains("s3cret"), "the job process's copy has no secret");
+        let reread: Config = Figment::from(Toml::string(DEFAULTS))
+            .merge(Toml::string(&written))
+            .extract()
+            .unwrap();
+        reread.validate().expect("the job process accepts the copy");
         config.storage.backend = "gcs".into();
         assert!(config.validate().is_err());
     }

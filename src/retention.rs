@@ -16,7 +16,7 @@ use crate::config::RetentionConfig;
 use crate::storage::{self, Storage};
 
 /// Advisory-lock key of the sweep ("mpsweep" in ASCII).
-const LOCK_KEY: i64 = 0x6d70_7377_6565_70;
+pub const LOCK_KEY: i64 = 0x6d70_7377_6565_70;
 /// Rows deleted, and listed objects checked, per statement.
 const BATCH: usize = 500;
 
