@@ -84,34 +84,40 @@ impl Moto {
     /// Every key in the bucket, sorted, read with plain S3 ListObjectsV2 requests (not through
     /// the service's own storage code).
     pub async fn keys(&self, bucket: &str) -> Vec<String> {
-        let mut keys = Vec::new();
+        self.objects(bucket).await.into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// Every (key, ETag) in the bucket, sorted by key. A multipart upload's ETag ends in
+    /// `-<parts>`.
+    pub async fn objects(&self, bucket: &str) -> Vec<(String, String)> {
+        let mut objects = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let mut url = format!("{}/{bucket}?list-type=2", self.endpoint);
             if let Some(t) = &token {
                 url.push_str(&format!("&continuation-token={}", urlencode(t)));
             }
-            let body = self.http.get(url).send().await.unwrap().text().await.unwrap();
-            keys.extend(elements(&body, "Key"));
+            let r = self.http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200, "listing {bucket}");
+            let body = r.text().await.unwrap();
+            for contents in elements(&body, "Contents") {
+                let key = elements(&contents, "Key").remove(0);
+                let etag = elements(&contents, "ETag").remove(0);
+                objects.push((key, etag.trim_matches('"').to_string()));
+            }
             token = elements(&body, "NextContinuationToken").into_iter().next();
             if token.is_none() {
                 break;
             }
         }
-        keys.sort();
-        keys
+        objects.sort();
+        objects
     }
 
-    /// The object's ETag as S3 reports it (a multipart upload's ends in `-<parts>`).
     pub async fn etag(&self, bucket: &str, key: &str) -> String {
-        let r = self
-            .http
-            .head(format!("{}/{bucket}/{key}", self.endpoint))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "HEAD {key}");
-        r.headers()["etag"].to_str().unwrap().trim_matches('"').to_string()
+        let objects = self.objects(bucket).await;
+        let found = objects.into_iter().find(|(k, _)| k == key);
+        found.unwrap_or_else(|| panic!("{key} is not in {bucket}")).1
     }
 }
 
@@ -126,7 +132,10 @@ fn elements(xml: &str, tag: &str) -> Vec<String> {
     let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
     xml.split(&open)
         .skip(1)
-        .filter_map(|rest| rest.split_once(&close).map(|(v, _)| v.replace("&amp;", "&")))
+        .filter_map(|rest| {
+            rest.split_once(&close)
+                .map(|(v, _)| v.replace("&quot;", "\"").replace("&amp;", "&"))
+        })
         .collect()
 }
 
