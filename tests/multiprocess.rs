@@ -179,6 +179,18 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
         .json()
         .await
         .unwrap();
+    // Submit while the workers already drain the queue, reading /metrics after each submission
+    // and then until the last job is done.
+    let start = Instant::now();
+    let mut seen = vec![0.0];
+    let mut observe = |m: &str| {
+        let succeeded = sample(m, "modelpress_jobs{state=\"succeeded\"}").unwrap();
+        assert_eq!(sample(m, "modelpress_jobs{state=\"failed\"}"), Some(0.0), "a job failed");
+        if seen.last() != Some(&succeeded) {
+            seen.push(succeeded);
+        }
+        succeeded
+    };
     for i in 0..JOBS {
         let pass = if i % 2 == 0 { "optimize" } else { "quantize_int8_dynamic" };
         let r = http
@@ -188,22 +200,17 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
             .await
             .unwrap();
         assert_eq!(r.status(), 201);
+        let m = metrics().await;
+        let submitted = "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"}";
+        assert_eq!(sample(&m, submitted), Some((i + 1) as f64), "the request counter moves");
+        observe(&m);
     }
-
-    // Watch /metrics while the workers drain the queue.
-    let mut seen = Vec::new();
-    let start = Instant::now();
     let last = loop {
         let m = metrics().await;
-        let succeeded = sample(&m, "modelpress_jobs{state=\"succeeded\"}").unwrap();
-        assert_eq!(sample(&m, "modelpress_jobs{state=\"failed\"}"), Some(0.0), "a job failed");
-        if seen.last() != Some(&succeeded) {
-            seen.push(succeeded);
-        }
-        if succeeded == JOBS as f64 {
+        if observe(&m) == JOBS as f64 {
             break m;
         }
-        assert!(start.elapsed() < Duration::from_secs(600), "only {succeeded} of {JOBS} jobs done");
+        assert!(start.elapsed() < Duration::from_secs(600), "not all {JOBS} jobs done: {seen:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let elapsed = start.elapsed();
@@ -244,6 +251,15 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
         ["worker-a", "worker-b"],
         "both worker processes took jobs"
     );
+    // The jobs really ran: a report measured by the job process, fetched through the API.
+    let (job_id,): (uuid::Uuid,) =
+        sqlx::query_as("SELECT id FROM jobs WHERE recipe->0->>'pass' = 'quantize_int8_dynamic' LIMIT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let report: Value = get(&format!("/v1/jobs/{job_id}/report")).await.unwrap().json().await.unwrap();
+    assert_eq!(report["job_id"], job_id.to_string(), "{report}");
+    assert!(report["result"]["size_bytes"].as_u64().unwrap() < report["original"]["size_bytes"].as_u64().unwrap());
     let expected = keys_in_database(&pool).await;
     assert_eq!(expected.len(), 1 + 3 * JOBS);
     match &moto {
