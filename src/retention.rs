@@ -16,7 +16,7 @@ use crate::config::RetentionConfig;
 use crate::storage::{self, Storage};
 
 /// Advisory-lock key of the sweep ("mpsweep" in ASCII).
-pub const LOCK_KEY: i64 = 0x6d70_7377_6565_70;
+pub const LOCK_KEY: i64 = 0x006d_7073_7765_6570;
 /// Rows deleted, and listed objects checked, per statement.
 const BATCH: usize = 500;
 
@@ -164,7 +164,12 @@ async fn remove_job_bytes(store: &dyn Storage, jobs: &[(Uuid, Uuid)], swept: &mu
 }
 
 /// Removes objects older than the grace period that no model, dataset or artifact row names.
-async fn remove_orphans(pool: &PgPool, store: &dyn Storage, grace_s: u64, swept: &mut Swept) -> Result<(), RetentionError> {
+async fn remove_orphans(
+    pool: &PgPool,
+    store: &dyn Storage,
+    grace_s: u64,
+    swept: &mut Swept,
+) -> Result<(), RetentionError> {
     let cutoff = chrono::Utc::now() - chrono::Duration::seconds(grace_s.min(i64::MAX as u64) as i64);
     let mut listing = store.list(storage::TENANTS_PREFIX);
     let mut batch = Vec::with_capacity(BATCH);

@@ -133,7 +133,13 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let logs = dirs[3].path();
     // S3: each process has a disk of its own (as on separate hosts); local: they share one.
-    let data_dir = |i: usize| dirs[if moto.is_some() { i } else { 0 }].path().to_str().unwrap().to_string();
+    let data_dir = |i: usize| {
+        dirs[if moto.is_some() { i } else { 0 }]
+            .path()
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
     let mut env = vec![
         ("DATABASE_URL".to_string(), database_url(&pool)),
         ("MODELPRESS_DATABASE__MAX_CONNECTIONS".into(), "4".into()),
@@ -146,14 +152,33 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
         moto.create_bucket(BUCKET).await;
         env.extend(moto.env(BUCKET));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listen = format!("127.0.0.1:{port}");
     let base = format!("http://{listen}");
     let (d0, d1, d2) = (data_dir(0), data_dir(1), data_dir(2));
-    let api = Process::spawn("api", &["serve", "--role", "api", "--listen", &listen, "--data-dir", &d0], &env, logs);
+    let api = Process::spawn(
+        "api",
+        &["serve", "--role", "api", "--listen", &listen, "--data-dir", &d0],
+        &env,
+        logs,
+    );
     let workers = [
-        Process::spawn("worker-a", &["serve", "--role", "worker", "--data-dir", &d1], &env, logs),
-        Process::spawn("worker-b", &["serve", "--role", "worker", "--data-dir", &d2], &env, logs),
+        Process::spawn(
+            "worker-a",
+            &["serve", "--role", "worker", "--data-dir", &d1],
+            &env,
+            logs,
+        ),
+        Process::spawn(
+            "worker-b",
+            &["serve", "--role", "worker", "--data-dir", &d2],
+            &env,
+            logs,
+        ),
     ];
     let http = reqwest::Client::new();
     let get = |path: &str| http.get(format!("{base}{path}")).send();
@@ -185,14 +210,22 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
     let mut seen = vec![0.0];
     let mut observe = |m: &str| {
         let succeeded = sample(m, "modelpress_jobs{state=\"succeeded\"}").unwrap();
-        assert_eq!(sample(m, "modelpress_jobs{state=\"failed\"}"), Some(0.0), "a job failed");
+        assert_eq!(
+            sample(m, "modelpress_jobs{state=\"failed\"}"),
+            Some(0.0),
+            "a job failed"
+        );
         if seen.last() != Some(&succeeded) {
             seen.push(succeeded);
         }
         succeeded
     };
     for i in 0..JOBS {
-        let pass = if i % 2 == 0 { "optimize" } else { "quantize_int8_dynamic" };
+        let pass = if i % 2 == 0 {
+            "optimize"
+        } else {
+            "quantize_int8_dynamic"
+        };
         let r = http
             .post(format!("{base}/v1/jobs"))
             .json(&json!({"model_id": model["id"], "recipe": [{"pass": pass}]}))
@@ -210,7 +243,10 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
         if observe(&m) == JOBS as f64 {
             break m;
         }
-        assert!(start.elapsed() < Duration::from_secs(600), "not all {JOBS} jobs done: {seen:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "not all {JOBS} jobs done: {seen:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let elapsed = start.elapsed();
@@ -221,7 +257,10 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
     );
     assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     assert_eq!(
-        sample(&last, "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"}"),
+        sample(
+            &last,
+            "modelpress_http_requests_total{method=\"POST\",route=\"/v1/jobs\",status=\"201\"}"
+        ),
         Some(JOBS as f64)
     );
     assert_eq!(sample(&last, "modelpress_queue_depth"), Some(0.0));
@@ -241,7 +280,10 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
     assert_eq!(rows.len(), JOBS);
     let mut by_host: BTreeMap<String, usize> = BTreeMap::new();
     for (state, attempt, errors, artifacts, worker) in &rows {
-        assert_eq!((state.as_str(), *attempt, errors, *artifacts), ("succeeded", 1, &json!([]), 3));
+        assert_eq!(
+            (state.as_str(), *attempt, errors, *artifacts),
+            ("succeeded", 1, &json!([]), 3)
+        );
         let host = worker.as_deref().unwrap().split(':').next().unwrap().to_string();
         *by_host.entry(host).or_default() += 1;
     }
@@ -257,7 +299,12 @@ async fn fifty_jobs_across_three_processes(pool: PgPool, moto: Option<Moto>) {
             .fetch_one(&pool)
             .await
             .unwrap();
-    let report: Value = get(&format!("/v1/jobs/{job_id}/report")).await.unwrap().json().await.unwrap();
+    let report: Value = get(&format!("/v1/jobs/{job_id}/report"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(report["job_id"], job_id.to_string(), "{report}");
     assert!(report["result"]["size_bytes"].as_u64().unwrap() < report["original"]["size_bytes"].as_u64().unwrap());
     let expected = keys_in_database(&pool).await;

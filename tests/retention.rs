@@ -73,7 +73,12 @@ async fn jobs_finished_longer_ago_than_the_retention_are_deleted_with_their_byte
         .unwrap();
 
     assert_eq!(swept.jobs_deleted, 1, "{swept:?}");
-    assert_error(app.get(&format!("/v1/jobs/{}", old["id"].as_str().unwrap())).await, 404, "not_found").await;
+    assert_error(
+        app.get(&format!("/v1/jobs/{}", old["id"].as_str().unwrap())).await,
+        404,
+        "not_found",
+    )
+    .await;
     let (artifacts,): (i64,) = sqlx::query_as("SELECT count(*) FROM artifacts WHERE job_id = $1::uuid")
         .bind(old["id"].as_str().unwrap())
         .fetch_one(&pool)
@@ -82,7 +87,11 @@ async fn jobs_finished_longer_ago_than_the_retention_are_deleted_with_their_byte
     assert_eq!(artifacts, 0);
     let after = keys(store.as_ref()).await;
     assert_eq!((job_keys(&after, &old), job_keys(&after, &recent)), (0, 3));
-    assert_eq!(after.len(), before.len() - 3, "models and the recent job keep their bytes");
+    assert_eq!(
+        after.len(),
+        before.len() - 3,
+        "models and the recent job keep their bytes"
+    );
     let recent_job: Value = app
         .get(&format!("/v1/jobs/{}", recent["id"].as_str().unwrap()))
         .await
@@ -103,7 +112,9 @@ async fn expired_artifacts_are_deleted_and_their_downloads_answer_410(pool: PgPo
 
     // Not yet due: nothing happens.
     backdate(&pool, &job, 6).await;
-    let swept = retention::sweep(&pool, store.as_ref(), &retention(0, 7, 3600)).await.unwrap();
+    let swept = retention::sweep(&pool, store.as_ref(), &retention(0, 7, 3600))
+        .await
+        .unwrap();
     assert_eq!(swept, Some(Swept::default()));
     backdate(&pool, &job, 8).await;
     let swept = retention::sweep(&pool, store.as_ref(), &retention(0, 7, 3600))
@@ -117,13 +128,25 @@ async fn expired_artifacts_are_deleted_and_their_downloads_answer_410(pool: PgPo
     assert_eq!(job["artifacts"], json!([]));
     assert!(job["artifacts_expired_at"].is_string(), "{job}");
     for path in ["artifacts/model.onnx", "report", "report.html"] {
-        let message = assert_error(app.get(&format!("/v1/jobs/{id}/{path}")).await, 410, "artifacts_expired").await;
+        let message = assert_error(
+            app.get(&format!("/v1/jobs/{id}/{path}")).await,
+            410,
+            "artifacts_expired",
+        )
+        .await;
         assert!(message.contains("retention"), "{message}");
     }
-    assert_error(app.get(&format!("/v1/jobs/{id}/artifacts/nope")).await, 410, "artifacts_expired").await;
+    assert_error(
+        app.get(&format!("/v1/jobs/{id}/artifacts/nope")).await,
+        410,
+        "artifacts_expired",
+    )
+    .await;
     assert_eq!(job_keys(&keys(store.as_ref()).await, &job), 0, "the bytes are gone");
     // A second sweep finds nothing more to do.
-    let again = retention::sweep(&pool, store.as_ref(), &retention(0, 7, 3600)).await.unwrap();
+    let again = retention::sweep(&pool, store.as_ref(), &retention(0, 7, 3600))
+        .await
+        .unwrap();
     assert_eq!(again, Some(Swept::default()));
     app.stop().await;
 }
@@ -151,7 +174,11 @@ async fn orphaned_objects_older_than_the_grace_period_are_removed_and_referenced
             key
         }
     };
-    let old_orphan = put(storage::artifact_key(tenant, uuid::Uuid::new_v4(), 1, "model.onnx"), b"stale bytes").await;
+    let old_orphan = put(
+        storage::artifact_key(tenant, uuid::Uuid::new_v4(), 1, "model.onnx"),
+        b"stale bytes",
+    )
+    .await;
     let young_orphan = put(storage::dataset_key(tenant, uuid::Uuid::new_v4()), b"uploading").await;
     let model_key = storage::model_key(tenant, model.parse().unwrap());
     age(&root.join(&old_orphan), 7200);
@@ -192,7 +219,10 @@ async fn the_orphan_sweep_works_on_s3_too(pool: PgPool) {
     assert_eq!(swept.orphans_deleted, 1);
     assert_eq!(
         moto.keys("retention").await,
-        vec![storage::model_key(modelpress::db::DEFAULT_TENANT, model.parse().unwrap())]
+        vec![storage::model_key(
+            modelpress::db::DEFAULT_TENANT,
+            model.parse().unwrap()
+        )]
     );
 }
 
@@ -207,7 +237,9 @@ async fn only_one_process_sweeps_at_a_time(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(
-        retention::sweep(&pool, store.as_ref(), &retention(1, 1, 3600)).await.unwrap(),
+        retention::sweep(&pool, store.as_ref(), &retention(1, 1, 3600))
+            .await
+            .unwrap(),
         None,
         "another sweeper holds the lock"
     );
@@ -216,7 +248,12 @@ async fn only_one_process_sweeps_at_a_time(pool: PgPool) {
         .execute(&mut *other)
         .await
         .unwrap();
-    assert!(retention::sweep(&pool, store.as_ref(), &retention(1, 1, 3600)).await.unwrap().is_some());
+    assert!(
+        retention::sweep(&pool, store.as_ref(), &retention(1, 1, 3600))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[sqlx::test]
@@ -231,7 +268,10 @@ async fn the_service_sweeps_on_its_own_interval(pool: PgPool) {
     backdate(&pool, &job, 2).await;
     let start = std::time::Instant::now();
     while app.get(&format!("/v1/jobs/{id}")).await.status() != 404 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the sweeper never deleted the job");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the sweeper never deleted the job"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     app.stop().await;

@@ -71,13 +71,21 @@ async fn uploads_jobs_and_downloads_go_through_s3_and_objects_are_where_the_data
     // A labelled dataset job (model + dataset fetched from the bucket) and an external-data
     // bundle job (the model's data file fetched beside it).
     let digits = app.upload_ok(fixture("mlp.onnx")).await;
-    let dataset = post(&app, "/v1/datasets?name=digits", "application/octet-stream", fixture("test.npz")).await;
+    let dataset = post(
+        &app,
+        "/v1/datasets?name=digits",
+        "application/octet-stream",
+        fixture("test.npz"),
+    )
+    .await;
     let bundle = post(&app, "/v1/models", "application/zip", external_bundle(3)).await;
     assert_eq!(bundle["files"][0]["path"], "m.onnx.data");
     let jobs = [
-        app.submit(json!({"model_id": digits, "dataset_id": dataset["id"], "task": "classification",
-                          "recipe": [{"pass": "quantize_int8_dynamic"}]}))
-            .await,
+        app.submit(
+            json!({"model_id": digits, "dataset_id": dataset["id"], "task": "classification",
+                          "recipe": [{"pass": "quantize_int8_dynamic"}]}),
+        )
+        .await,
         app.submit(json!({"model_id": bundle["id"], "recipe": [{"pass": "optimize"}]}))
             .await,
     ];
@@ -95,30 +103,54 @@ async fn uploads_jobs_and_downloads_go_through_s3_and_objects_are_where_the_data
         .json()
         .await
         .unwrap();
-    assert_eq!(report["evaluation"]["inputs"], "dataset", "the worker fetched the dataset");
-    assert!(report["original"]["metrics"]["accuracy"].as_f64().unwrap() > 0.9, "{report}");
+    assert_eq!(
+        report["evaluation"]["inputs"], "dataset",
+        "the worker fetched the dataset"
+    );
+    assert!(
+        report["original"]["metrics"]["accuracy"].as_f64().unwrap() > 0.9,
+        "{report}"
+    );
 
     // The bucket holds exactly what the database refers to, and the local store is unused.
     let in_bucket: BTreeSet<String> = moto.keys(BUCKET).await.into_iter().collect();
     let in_database = keys_in_database(&pool).await;
     assert_eq!(in_bucket, in_database);
     assert_eq!(in_bucket.len(), 1 + 1 + 2 + 3 * 2, "{in_bucket:#?}");
-    assert_eq!(app.stored_files(), Vec::<std::path::PathBuf>::new(), "nothing left on local disk");
+    assert_eq!(
+        app.stored_files(),
+        Vec::<std::path::PathBuf>::new(),
+        "nothing left on local disk"
+    );
 
     // Downloads stream from the bucket: whole, by range, and checked against the recorded hash.
     let artifact = &finished[1]["artifacts"].as_array().unwrap()[0];
     assert_eq!(artifact["name"], "model.onnx");
     let url = artifact["url"].as_str().unwrap();
     let whole = app.get(url).await.bytes().await.unwrap();
-    assert_eq!(hex::encode(Sha256::digest(&whole)), artifact["sha256"].as_str().unwrap());
-    let part = app.client.get(app.url(url)).header("range", "bytes=10-19").send().await.unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&whole)),
+        artifact["sha256"].as_str().unwrap()
+    );
+    let part = app
+        .client
+        .get(app.url(url))
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(part.status(), 206);
     assert_eq!(
         part.headers()["content-range"],
         format!("bytes 10-19/{}", whole.len()).as_str()
     );
     assert_eq!(part.bytes().await.unwrap(), whole.slice(10..20));
-    let content = app.get(&format!("/v1/models/{digits}/content")).await.bytes().await.unwrap();
+    let content = app
+        .get(&format!("/v1/models/{digits}/content"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(content, fixture("mlp.onnx"));
 
     // Deleting a model or a dataset deletes its bytes in the bucket.
@@ -151,7 +183,9 @@ async fn a_large_file_goes_up_in_parts_and_comes_back_whole_and_by_range() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bytes: Vec<u8> = (0..12 * 1024 * 1024 + 123).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..12 * 1024 * 1024 + 123)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let src = dir.path().join("big");
     std::fs::write(&src, &bytes).unwrap();
 
@@ -178,19 +212,17 @@ async fn a_large_file_goes_up_in_parts_and_comes_back_whole_and_by_range() {
     assert_eq!(range, bytes[MIN_PART_SIZE - 100..MIN_PART_SIZE + 100]);
     let back = dir.path().join("back");
     store.get_file("t/big.bin", &back).await.unwrap();
-    assert!(std::fs::read(&back).unwrap() == bytes, "the round trip is byte-identical");
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "the round trip is byte-identical"
+    );
 
     // A small file is one plain PUT; listing sees both; a prefix delete removes both.
     let small = dir.path().join("small");
     std::fs::write(&small, b"hello").unwrap();
     store.put_file("t/sub/small.txt", &small).await.unwrap();
     assert!(!moto.etag(BUCKET, "t/sub/small.txt").await.contains('-'));
-    let mut listed: Vec<(String, u64)> = store
-        .list("t")
-        .map_ok(|o| (o.key, o.size))
-        .try_collect()
-        .await
-        .unwrap();
+    let mut listed: Vec<(String, u64)> = store.list("t").map_ok(|o| (o.key, o.size)).try_collect().await.unwrap();
     listed.sort();
     assert_eq!(
         listed,
@@ -199,9 +231,15 @@ async fn a_large_file_goes_up_in_parts_and_comes_back_whole_and_by_range() {
     store.delete_prefix("t").await.unwrap();
     assert_eq!(moto.keys(BUCKET).await, Vec::<String>::new());
     assert!(matches!(store.size("t/big.bin").await, Err(StorageError::NotFound(_))));
-    assert!(matches!(store.read("t/big.bin", None).await, Err(StorageError::NotFound(_))));
+    assert!(matches!(
+        store.read("t/big.bin", None).await,
+        Err(StorageError::NotFound(_))
+    ));
     store.delete("t/big.bin").await.unwrap();
-    assert!(matches!(store.read("../x", None).await, Err(StorageError::InvalidKey(_))));
+    assert!(matches!(
+        store.read("../x", None).await,
+        Err(StorageError::InvalidKey(_))
+    ));
 }
 
 #[sqlx::test]
@@ -210,5 +248,9 @@ async fn a_missing_bucket_fails_the_upload_with_a_500_in_the_error_format_not_a_
     let app = TestApp::spawn_with(pool, false, |c| moto.configure(c, "no-such-bucket")).await;
     assert_error(app.upload(tiny_mlp_bytes(1)).await, 500, "internal").await;
     let listed: Value = app.get("/v1/models").await.json().await.unwrap();
-    assert_eq!(listed["items"], json!([]), "a model whose bytes were not stored is not recorded");
+    assert_eq!(
+        listed["items"],
+        json!([]),
+        "a model whose bytes were not stored is not recorded"
+    );
 }

@@ -108,9 +108,7 @@ impl Storage for LocalStorage {
                 .await
                 .unwrap_or_else(|e| vec![Err(io_err(&prefix)(std::io::Error::other(e)))])
         };
-        futures::stream::once(walked)
-            .flat_map(futures::stream::iter)
-            .boxed()
+        futures::stream::once(walked).flat_map(futures::stream::iter).boxed()
     }
 
     fn describe(&self) -> String {
@@ -137,7 +135,9 @@ fn walk(root: &Path, start: &Path) -> Vec<Result<ObjectInfo>> {
             if meta.is_dir() {
                 stack.push(path);
             } else if meta.is_file() {
-                let Ok(relative) = path.strip_prefix(root) else { continue };
+                let Ok(relative) = path.strip_prefix(root) else {
+                    continue;
+                };
                 let key = relative
                     .components()
                     .map(|c| c.as_os_str().to_string_lossy())

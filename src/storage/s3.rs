@@ -75,10 +75,7 @@ impl S3Storage {
         if size < self.part_size as u64 {
             let mut buf = Vec::with_capacity(size as usize);
             reader.read_to_end(&mut buf).await.map_err(io(key))?;
-            self.store
-                .put(path, PutPayload::from(buf))
-                .await
-                .map_err(remote(key))?;
+            self.store.put(path, PutPayload::from(buf)).await.map_err(remote(key))?;
             return Ok(());
         }
         let upload = self.store.put_multipart(path).await.map_err(remote(key))?;
@@ -86,10 +83,7 @@ impl S3Storage {
         let mut buf = vec![0u8; 1 << 20];
         let copied: Result<()> = async {
             loop {
-                writer
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(remote(key))?;
+                writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(remote(key))?;
                 let n = reader.read(&mut buf).await.map_err(io(key))?;
                 if n == 0 {
                     return Ok(());

@@ -40,7 +40,10 @@ impl Moto {
         };
         let start = Instant::now();
         while moto.http.get(&moto.endpoint).send().await.is_err() {
-            assert!(start.elapsed() < Duration::from_secs(60), "moto did not start on port {port}");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "moto did not start on port {port}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         moto
