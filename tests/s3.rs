@@ -243,9 +243,17 @@ async fn a_large_file_goes_up_in_parts_and_comes_back_whole_and_by_range() {
 }
 
 #[sqlx::test]
-async fn a_missing_bucket_fails_the_upload_with_a_500_in_the_error_format_not_a_panic(pool: PgPool) {
+async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(pool: PgPool) {
     let moto = Moto::start().await;
     let app = TestApp::spawn_with(pool, false, |c| moto.configure(c, "no-such-bucket")).await;
+    let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
+    assert!(message.contains("s3://no-such-bucket"), "{message}");
+    moto.create_bucket("no-such-bucket").await;
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["storage"], "ok", "{ready}");
+    // Gone again between the check and the upload: a 500 in the error format, nothing recorded.
+    let r = app.client.delete(format!("{}/no-such-bucket", moto.endpoint)).send().await.unwrap();
+    assert!(r.status().is_success());
     assert_error(app.upload(tiny_mlp_bytes(1)).await, 500, "internal").await;
     let listed: Value = app.get("/v1/models").await.json().await.unwrap();
     assert_eq!(

@@ -114,6 +114,16 @@ impl Storage for LocalStorage {
     fn describe(&self) -> String {
         format!("local:{}", self.root.display())
     }
+
+    async fn check(&self) -> Result<()> {
+        let root = self.root.to_string_lossy();
+        let meta = tokio::fs::metadata(&self.root).await.map_err(io_err(&root))?;
+        if meta.is_dir() {
+            Ok(())
+        } else {
+            Err(io_err(&root)(std::io::Error::other("not a folder")))
+        }
+    }
 }
 
 /// Files under `start`, keyed relative to `root`. A folder that does not exist lists nothing.

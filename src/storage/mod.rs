@@ -69,6 +69,8 @@ pub trait Storage: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> ListStream;
     /// Where the bytes are, for logs (`local:/srv/objects`, `s3://bucket`).
     fn describe(&self) -> String;
+    /// One cheap request that shows the store answers (readiness).
+    async fn check(&self) -> Result<()>;
 }
 
 /// Every key starts with this segment (the sweeper lists it to find orphans).

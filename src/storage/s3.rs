@@ -200,4 +200,14 @@ impl Storage for S3Storage {
     fn describe(&self) -> String {
         format!("s3://{}", self.bucket)
     }
+
+    async fn check(&self) -> Result<()> {
+        // One ListObjects request with a delimiter: the tenants, not every object.
+        let prefix = ObjectPath::from(super::TENANTS_PREFIX);
+        self.store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map(drop)
+            .map_err(remote(&self.bucket))
+    }
 }
