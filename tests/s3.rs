@@ -252,7 +252,12 @@ async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(poo
     let ready: Value = app.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["storage"], "ok", "{ready}");
     // Gone again between the check and the upload: a 500 in the error format, nothing recorded.
-    let r = app.client.delete(format!("{}/no-such-bucket", moto.endpoint)).send().await.unwrap();
+    let r = app
+        .client
+        .delete(format!("{}/no-such-bucket", moto.endpoint))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success());
     assert_error(app.upload(tiny_mlp_bytes(1)).await, 500, "internal").await;
     let listed: Value = app.get("/v1/models").await.json().await.unwrap();

@@ -6,6 +6,8 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::AppState;
+
+const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 use super::error::{ApiError, ApiResult};
 
 pub async fn healthz() -> Json<Value> {
@@ -16,9 +18,16 @@ pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     if let Err(e) = sqlx::query("SELECT 1").execute(&state.pool).await {
         return Err(ApiError::NotReady(format!("database unreachable: {e}")));
     }
-    if let Err(e) = state.storage.check().await {
+    // The S3 client retries an unreachable endpoint for minutes; a probe wants an answer now.
+    let checked = tokio::time::timeout(STORE_CHECK_TIMEOUT, state.storage.check()).await;
+    let failure = match checked {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some(format!("no answer within {} s", STORE_CHECK_TIMEOUT.as_secs())),
+    };
+    if let Some(why) = failure {
         return Err(ApiError::NotReady(format!(
-            "object store {} unavailable: {e}",
+            "object store {} unavailable: {why}",
             state.storage.describe()
         )));
     }
