@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -67,25 +68,40 @@ pub async fn sweep(
     config: &RetentionConfig,
 ) -> Result<Option<Swept>, RetentionError> {
     // Session-level lock on a connection of its own: released by the unlock below, or by
-    // PostgreSQL when a process dies mid-sweep and its connection drops.
-    let mut lock = pool.acquire().await?;
+    // PostgreSQL when the connection closes (a process that dies mid-sweep, or a sweep dropped at
+    // shutdown: see `Held`).
+    let mut conn = pool.acquire().await?;
     let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK_KEY)
-        .fetch_one(&mut *lock)
+        .fetch_one(&mut *conn)
         .await?;
     if !locked {
         return Ok(None);
     }
+    let mut held = Held(Some(conn));
     let result = sweep_locked(pool, store, config).await;
+    let mut conn = held.0.take().expect("the lock's connection is held until here");
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK_KEY)
-        .execute(&mut *lock)
+        .execute(&mut *conn)
         .await;
     if unlocked.is_err() {
         // Never hand a connection that may still hold the lock back to the pool.
-        lock.detach();
+        drop(conn.detach());
     }
     result.map(Some)
+}
+
+/// The connection holding the sweep lock. Dropped before the unlock (the sweep future dropped at
+/// shutdown), it closes instead of returning to the pool still holding the lock.
+struct Held(Option<PoolConnection<Postgres>>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
+    }
 }
 
 async fn sweep_locked(pool: &PgPool, store: &dyn Storage, config: &RetentionConfig) -> Result<Swept, RetentionError> {

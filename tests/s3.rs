@@ -270,7 +270,11 @@ async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(poo
 
 #[sqlx::test]
 async fn an_unreachable_store_makes_readiness_fail_within_seconds(pool: PgPool) {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let app = TestApp::spawn_with(pool, false, |c| {
         c.storage.backend = "s3".into();
         c.storage.endpoint = format!("http://127.0.0.1:{closed}");
@@ -283,5 +287,9 @@ async fn an_unreachable_store_makes_readiness_fail_within_seconds(pool: PgPool) 
     let start = std::time::Instant::now();
     let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
     assert!(message.contains("object store s3://anything unavailable"), "{message}");
-    assert!(start.elapsed().as_secs() < 10, "the probe answered in {:?}", start.elapsed());
+    assert!(
+        start.elapsed().as_secs() < 10,
+        "the probe answered in {:?}",
+        start.elapsed()
+    );
 }

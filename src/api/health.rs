@@ -6,9 +6,9 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::error::{ApiError, ApiResult};
 
 const STORE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-use super::error::{ApiError, ApiResult};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
