@@ -114,6 +114,7 @@ async fn run(opts: PgConnectOptions) -> anyhow::Result<String> {
     for _ in 0..NOTIFY_SAMPLES {
         let start = Instant::now();
         let new = NewJob {
+            goal: None,
             tenant_id: DEFAULT_TENANT,
             model_id,
             recipe: &recipe,
@@ -202,6 +203,7 @@ async fn rescue_section(pool: &PgPool, opts: &PgConnectOptions, bin: &Path) -> a
     let (mut rescued, mut succeeded) = (Vec::new(), Vec::new());
     for run in 1..=RESCUE_RUNS {
         let new = NewJob {
+            goal: None,
             tenant_id: DEFAULT_TENANT,
             model_id,
             recipe: &recipe,

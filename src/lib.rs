@@ -4,6 +4,7 @@
 //! the `pipeline` (`compress` passes, then `eval`) → `storage` → HTTP. `onnx`, `compress`, `eval`,
 //! `report` and `pipeline` never touch the database or HTTP, so the offline CLI uses them alone.
 
+pub mod advisor;
 pub mod api;
 pub mod compress;
 pub mod config;

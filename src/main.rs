@@ -63,8 +63,11 @@ enum Command {
     Compress {
         model: PathBuf,
         /// The recipe as JSON, e.g. '[{"pass": "optimize", "level": "extended"}]', or @FILE.
+        #[arg(long, required_unless_present = "goal", conflicts_with = "goal")]
+        recipe: Option<String>,
+        /// A goal for the advisor instead of a recipe, e.g. '{"objective": "smallest"}', or @FILE.
         #[arg(long)]
-        recipe: String,
+        goal: Option<String>,
         #[arg(long)]
         out: PathBuf,
         /// Recorded in the report when a worker runs this for a job.
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         Command::Compress {
             model,
             recipe,
+            goal,
             out,
             job_id,
             events,
@@ -125,13 +129,17 @@ fn main() -> ExitCode {
                         seed: config.eval.seed,
                         execution_provider: provider.unwrap_or_else(|| config.eval.execution_provider.clone()),
                         dim_overrides: Default::default(),
+                        hold_out_calibration: false,
                     }),
             };
             match options {
                 Ok(options) => compress(
                     &config,
                     &model,
-                    &recipe,
+                    match (&recipe, &goal) {
+                        (Some(r), _) => Work::Recipe(r),
+                        (None, g) => Work::Goal(g.as_deref().unwrap_or_default()),
+                    },
                     &out,
                     job_id,
                     events,
@@ -238,11 +246,17 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// What `compress` is asked to do: a recipe, or a goal for the advisor (JSON text or @FILE).
+enum Work<'a> {
+    Recipe(&'a str),
+    Goal(&'a str),
+}
+
 #[allow(clippy::too_many_arguments)]
 fn compress(
     config: &Config,
     model: &std::path::Path,
-    recipe: &str,
+    work: Work<'_>,
     out: &std::path::Path,
     job_id: Option<uuid::Uuid>,
     events: bool,
@@ -275,19 +289,30 @@ fn compress(
         eprintln!("modelpress compress: {code}: {message}");
         ExitCode::from(1)
     };
-    let recipe_text = match recipe.strip_prefix('@') {
+    let (text, what) = match work {
+        Work::Recipe(t) => (t, "recipe"),
+        Work::Goal(t) => (t, "goal"),
+    };
+    let text = match text.strip_prefix('@') {
         Some(file) => match std::fs::read_to_string(file) {
             Ok(t) => t,
-            Err(e) => return fail("invalid_recipe", format!("reading {file}: {e}"), false),
+            Err(e) => return fail(&format!("invalid_{what}"), format!("reading {file}: {e}"), false),
         },
-        None => recipe.to_string(),
+        None => text.to_string(),
     };
-    let recipe = match serde_json::from_str(&recipe_text)
-        .map_err(|e| e.to_string())
-        .and_then(|v| Recipe::parse(&v).map_err(|e| e.0))
-    {
-        Ok(r) => r,
-        Err(e) => return fail("invalid_recipe", e, false),
+    let (recipe, goal) = if what == "goal" {
+        match modelpress::advisor::parse_goal_arg(&text, options.task) {
+            Ok(g) => (Recipe(Vec::new()), Some(g)),
+            Err(e) => return fail("invalid_goal", e, false),
+        }
+    } else {
+        match serde_json::from_str(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|v| Recipe::parse(&v).map_err(|e| e.0))
+        {
+            Ok(r) => (r, None),
+            Err(e) => return fail("invalid_recipe", e, false),
+        }
     };
     let runtime = match Runtime::init(&config.onnxruntime.dylib_path) {
         Ok(r) => r,
@@ -314,7 +339,31 @@ fn compress(
         options,
         dataset,
     };
-    match pipeline::run(input, &mut progress) {
+    let mut options = options.clone();
+    if let Some(provider) = goal.as_ref().and_then(|g| g.execution_provider.clone()) {
+        options.execution_provider = provider;
+    }
+    let input = PipelineInput {
+        options: &options,
+        ..input
+    };
+    let result = match &goal {
+        Some(goal) => {
+            let mut on_candidate = |c: &modelpress::advisor::CandidateRecord| {
+                if events {
+                    Event::Candidate {
+                        candidate: serde_json::to_value(c).expect("candidates serialize"),
+                    }
+                    .emit();
+                } else {
+                    tracing::info!(id = c.id, label = %c.label, status = ?c.status, reasons = ?c.reasons, "candidate");
+                }
+            };
+            modelpress::advisor::run(input, goal, &mut progress, &mut on_candidate)
+        }
+        None => pipeline::run(input, &mut progress),
+    };
+    match result {
         Ok(report) => {
             if events {
                 Event::Done.emit();

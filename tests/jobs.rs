@@ -81,7 +81,7 @@ async fn an_optimize_job_runs_end_to_end_and_its_model_runs_in_onnx_runtime(pool
         .json()
         .await
         .unwrap();
-    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["schema_version"], 2);
     assert_eq!(report["job_id"], job["id"]);
     assert_eq!(report["environment"]["execution_provider"], "cpu");
     assert_eq!(report["environment"]["intra_op_threads"], 1);

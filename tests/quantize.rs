@@ -604,3 +604,42 @@ fn every_pass_keeps_the_transformer_encoder_close() {
         assert!(cosine > min_cosine, "{recipe}: cosine {cosine}");
     }
 }
+
+#[test]
+fn fp16_after_quantization_halves_what_quantization_left_in_float() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/transformer/encoder.onnx"
+    ))
+    .unwrap();
+    let model = modelpress::onnx::decode(&bytes).unwrap();
+    let int4 = json!({"pass": "quantize_int4_weight_only", "block_size": 32});
+    for first in [int4, json!({"pass": "quantize_int8_dynamic", "per_channel": true})] {
+        let alone_dir = tempfile::tempdir().unwrap();
+        let alone = run(&model, json!([first.clone()]), alone_dir.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let both = run(&model, json!([first.clone(), {"pass": "fp16"}]), dir.path()).unwrap();
+        let out = dir.path().join("out/model.onnx");
+        onnx_checker(&out);
+        // The embeddings the quantizer leaves in float32 are halved ...
+        assert!(
+            both.result.size_bytes < alone.result.size_bytes * 9 / 10,
+            "{first}: {} vs {}",
+            both.result.size_bytes,
+            alone.result.size_bytes
+        );
+        // ... while the quantized operators keep their float32 interface (between Casts).
+        let summary = summary_of(&out);
+        let quantized = ["com.microsoft::MatMulNBits", "MatMulInteger"];
+        assert!(
+            quantized.iter().any(|op| summary.op_counts.contains_key(*op)),
+            "{:?}",
+            summary.op_counts
+        );
+        let cosine = both.result.fidelity.cosine_similarity;
+        assert!(
+            cosine > alone.result.fidelity.cosine_similarity - 1e-3,
+            "{first}: cosine {cosine}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ async fn queued_job(pool: &PgPool, app: &TestApp, max_attempts: i32) -> uuid::Uu
     let model_id: uuid::Uuid = app.upload_ok(tiny_mlp_bytes(1)).await.parse().unwrap();
     let recipe = json!([{"pass": "optimize", "level": "extended"}]);
     let new = NewJob {
+        goal: None,
         tenant_id: DEFAULT_TENANT,
         model_id,
         recipe: &recipe,
@@ -395,6 +396,7 @@ async fn many_workers_in_and_out_of_process_drain_the_queue_completing_each_job_
     let recipe = json!([{"pass": "optimize", "level": "basic"}]);
     for _ in 0..200 {
         let new = NewJob {
+            goal: None,
             tenant_id: DEFAULT_TENANT,
             model_id,
             recipe: &recipe,
@@ -505,6 +507,7 @@ async fn a_cpu_worker_leaves_cuda_jobs_for_a_cuda_worker(pool: PgPool) {
         let evaluation = json!({"task": "generic", "label_key": "labels", "calibration_fraction": 0.2, "seed": 42,
                                 "execution_provider": provider});
         let new = NewJob {
+            goal: None,
             tenant_id: DEFAULT_TENANT,
             model_id,
             recipe: &recipe,

@@ -17,6 +17,8 @@ pub enum ApiError {
     #[error("{0}")]
     InvalidRecipe(String),
     #[error("{0}")]
+    InvalidGoal(String),
+    #[error("{0}")]
     InvalidDataset(String),
     #[error("{0}")]
     InvalidJson(String),
@@ -50,6 +52,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::InvalidModel(_) => (StatusCode::BAD_REQUEST, "invalid_model"),
             ApiError::InvalidRecipe(_) => (StatusCode::BAD_REQUEST, "invalid_recipe"),
+            ApiError::InvalidGoal(_) => (StatusCode::BAD_REQUEST, "invalid_goal"),
             ApiError::InvalidDataset(_) => (StatusCode::BAD_REQUEST, "invalid_dataset"),
             ApiError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),

@@ -17,6 +17,7 @@ use super::download;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query, Tenant};
 use super::models::{Page, PageQuery, next_cursor};
+use crate::advisor::Goal;
 use crate::compress::Recipe;
 use crate::db::artifacts::{self, ArtifactRow};
 use crate::db::datasets as db_datasets;
@@ -31,7 +32,9 @@ use crate::queue::{self, AttemptError, CancelOutcome, Enqueued, JobError, JobRow
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     model_id: Uuid,
-    recipe: Value,
+    /// Exactly one of `recipe` (the passes to run) and `goal` (let the advisor choose).
+    recipe: Option<Value>,
+    goal: Option<Value>,
     #[serde(default)]
     priority: i32,
     max_attempts: Option<i32>,
@@ -41,6 +44,10 @@ pub struct CreateJob {
     task: Option<Task>,
     label_key: Option<String>,
     calibration_fraction: Option<f64>,
+    /// Evaluate without the calibration split even when no pass calibrates (to re-measure an
+    /// advisor's decision on the advisor's samples).
+    #[serde(default)]
+    hold_out_calibration: bool,
     execution_provider: Option<String>,
     /// Sizes for named dynamic input dimensions of synthetic inputs (`{"height": 48}`).
     #[serde(default)]
@@ -66,7 +73,13 @@ pub struct Job {
     id: Uuid,
     model_id: Uuid,
     state: JobState,
+    /// `null` for goal jobs.
     recipe: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    goal: Option<Value>,
+    /// Goal jobs: the candidates the advisor has measured so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidates: Option<Value>,
     priority: i32,
     progress: Progress,
     attempts: i32,
@@ -101,6 +114,8 @@ impl Job {
             model_id: row.model_id,
             state: row.state,
             recipe: row.recipe.0,
+            candidates: row.goal.is_some().then_some(row.candidates.0),
+            goal: row.goal.map(|g| g.0),
             priority: row.priority,
             progress: Progress {
                 stage: row.progress_stage,
@@ -169,29 +184,62 @@ pub async fn create(
     Json(body): Json<CreateJob>,
 ) -> ApiResult<Response> {
     let key = idempotency_key(&headers)?;
-    let recipe = Recipe::parse(&body.recipe).map_err(|e| ApiError::InvalidRecipe(e.0))?;
+    let recipe = match (&body.recipe, &body.goal) {
+        (Some(r), None) => Some(Recipe::parse(r).map_err(|e| ApiError::InvalidRecipe(e.0))?),
+        (None, Some(_)) => None,
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give exactly one of recipe (the passes to run) and goal (let the advisor choose)".into(),
+            ));
+        }
+    };
     let max_attempts = body.max_attempts.unwrap_or(state.config.worker.max_attempts);
     if !(1..=10).contains(&max_attempts) {
         return Err(ApiError::InvalidRequest("max_attempts must be within 1..=10".into()));
     }
     let cap = state.config.worker.max_job_timeout_s as i64;
-    let timeout_s = body
-        .timeout_s
-        .map_or((state.config.worker.job_timeout_s as i64).min(cap), i64::from);
+    let mut evaluation = evaluation_options(&state, tenant, &body).await?;
+    let goal = match &body.goal {
+        None => None,
+        Some(g) => {
+            let goal = Goal::parse(g, evaluation.task).map_err(ApiError::InvalidGoal)?;
+            if let Some(p) = &goal.execution_provider {
+                if body.execution_provider.as_ref().is_some_and(|b| b != p) {
+                    return Err(ApiError::InvalidGoal(format!(
+                        "goal.execution_provider {p:?} contradicts the job's execution_provider"
+                    )));
+                }
+                evaluation.execution_provider = p.clone();
+                check_provider(&state, &evaluation)?;
+            }
+            Some(goal)
+        }
+    };
+    // A goal job searches for up to its time budget; by default it gets that plus a quarter and a
+    // minute for the last candidate and the report.
+    let default_timeout = match &goal {
+        Some(g) => (g.time_budget_s + g.time_budget_s / 4 + 60) as i64,
+        None => state.config.worker.job_timeout_s as i64,
+    };
+    let timeout_s = body.timeout_s.map_or(default_timeout.min(cap), i64::from);
     if !(1..=cap).contains(&timeout_s) {
         return Err(ApiError::InvalidRequest(format!(
             "timeout_s must be within 1..={cap} (worker.max_job_timeout_s)"
         )));
     }
-    let evaluation = evaluation_options(&state, tenant, &body).await?;
     // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
     let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
+    let goal = goal
+        .map(|g| serde_json::to_value(&g))
+        .transpose()
+        .map_err(|e| ApiError::Internal(e.into()))?;
     let evaluation = serde_json::to_value(&evaluation).map_err(|e| ApiError::Internal(e.into()))?;
     // What makes two submissions "the same request" for an idempotency key: the normalized body.
     let request_hash = hex::encode(Sha256::digest(
         serde_json::json!([
             body.model_id,
             recipe,
+            goal,
             body.priority,
             max_attempts,
             timeout_s,
@@ -211,6 +259,7 @@ pub async fn create(
             timeout_s: timeout_s as i32,
             dataset_id: body.dataset_id,
             evaluation: &evaluation,
+            goal: goal.as_ref(),
             idempotency: key.as_deref().map(|k| (k, request_hash.as_str())),
         },
     )
@@ -261,28 +310,11 @@ async fn evaluation_options(state: &AppState, tenant: Tenant, body: &CreateJob) 
         )));
     }
     options.dim_overrides = body.dim_overrides.clone();
+    options.hold_out_calibration = body.hold_out_calibration;
     if let Some(provider) = &body.execution_provider {
         options.execution_provider = provider.clone();
     }
-    let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
-        ApiError::InvalidRequest(format!(
-            "execution_provider {:?} is not one of cpu, cuda",
-            options.execution_provider
-        ))
-    })?;
-    if let Ok(runtime) = state.runtime.as_ref()
-        && !runtime.providers().contains(&provider)
-    {
-        return Err(ApiError::Unprocessable {
-            code: "cuda_unavailable",
-            message: format!(
-                "this server's ONNX Runtime ({}) has no {} execution provider; install the onnxruntime-gpu build \
-                 and the CUDA libraries, or use \"cpu\"",
-                runtime.version,
-                provider.as_str()
-            ),
-        });
-    }
+    check_provider(state, &options)?;
     let Some(dataset_id) = body.dataset_id else {
         if options.task != Task::Generic {
             return Err(ApiError::InvalidRequest(format!(
@@ -309,6 +341,30 @@ async fn evaluation_options(state: &AppState, tenant: Tenant, body: &CreateJob) 
         message: why,
     })?;
     Ok(options)
+}
+
+/// The provider is one this server's ONNX Runtime offers.
+fn check_provider(state: &AppState, options: &EvaluationOptions) -> ApiResult<()> {
+    let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
+        ApiError::InvalidRequest(format!(
+            "execution_provider {:?} is not one of cpu, cuda",
+            options.execution_provider
+        ))
+    })?;
+    if let Ok(runtime) = state.runtime.as_ref()
+        && !runtime.providers().contains(&provider)
+    {
+        return Err(ApiError::Unprocessable {
+            code: "cuda_unavailable",
+            message: format!(
+                "this server's ONNX Runtime ({}) has no {} execution provider; install the onnxruntime-gpu build \
+                 and the CUDA libraries, or use \"cpu\"",
+                runtime.version,
+                provider.as_str()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]

@@ -44,6 +44,19 @@ pub const DEFAULT_BLOCK_LIST: &[&str] = &[
     "Pow",
 ];
 
+/// Operators left by the quantization passes: their float inputs and outputs are tied to float32
+/// scales, so they always stay float32 (between Casts), whatever the block list says. This lets
+/// `fp16` run after int8/int4 quantization and halve the weights those passes leave in float
+/// (embeddings, biases, excluded layers).
+pub const QUANTIZED_OPS: &[&str] = &[
+    "MatMulNBits",
+    "DynamicQuantizeLinear",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fp16Params {
@@ -107,6 +120,16 @@ fn output_types(node: &NodeProto, inputs: &[Option<i32>]) -> Option<Vec<i32>> {
             n
         ]),
         "If" | "Loop" | "Scan" | "SequenceConstruct" | "SplitToSequence" | "Optional" => None,
+        "MatMulNBits" => same(first()),
+        "MatMulInteger" | "ConvInteger" => Some(vec![DataType::Int32 as i32; n]),
+        "DynamicQuantizeLinear" => Some(vec![DataType::Uint8 as i32, FLOAT, DataType::Uint8 as i32]),
+        // Output type of the zero point (uint8 without one).
+        "QuantizeLinear" => Some(vec![
+            inputs.get(2).copied().flatten().unwrap_or(DataType::Uint8 as i32);
+            n
+        ]),
+        // Output type of the scale.
+        "DequantizeLinear" => Some(vec![inputs.get(1).copied().flatten().unwrap_or(FLOAT); n]),
         // Operators whose outputs take the type of their first input.
         "Add"
         | "Sub"
@@ -287,6 +310,7 @@ impl Pass for Fp16 {
         // 2. Decide which nodes run in float16: every float-carrying node not block-listed.
         let runs_half = |node: &NodeProto| {
             !blocked_ops.contains(node.op_type())
+                && !QUANTIZED_OPS.contains(&node.op_type())
                 && !blocked_nodes.contains(node.name())
                 && node.op_type() != "Constant"
                 && (node

@@ -36,6 +36,10 @@ pub struct EvaluationOptions {
     /// Sizes for named dynamic dimensions of synthetic inputs, over `eval.dim_overrides`.
     #[serde(default)]
     pub dim_overrides: std::collections::BTreeMap<String, i64>,
+    /// Set the calibration split aside even when no pass calibrates, so a recipe re-run of an
+    /// advisor's decision is measured on exactly the samples the advisor measured it on.
+    #[serde(default)]
+    pub hold_out_calibration: bool,
 }
 
 impl EvaluationOptions {
@@ -48,6 +52,7 @@ impl EvaluationOptions {
             seed: eval.seed,
             execution_provider: eval.execution_provider.clone(),
             dim_overrides: Default::default(),
+            hold_out_calibration: false,
         }
     }
 }

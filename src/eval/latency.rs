@@ -12,6 +12,9 @@ use super::session::PreparedInputs;
 pub struct Latency {
     pub p50_ms: f64,
     pub p90_ms: f64,
+    /// Added with the advisor's latency constraints (which name p95); absent in older reports.
+    #[serde(default)]
+    pub p95_ms: f64,
     pub p99_ms: f64,
     pub mean_ms: f64,
     pub runs: usize,
@@ -49,6 +52,7 @@ pub fn summarize(mut samples: Vec<f64>) -> Latency {
     Latency {
         p50_ms: pick(50.0),
         p90_ms: pick(90.0),
+        p95_ms: pick(95.0),
         p99_ms: pick(99.0),
         mean_ms: if n == 0 {
             0.0

@@ -81,209 +81,332 @@ pub struct PipelineInput<'a> {
 }
 
 pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, PipelineError> {
-    let PipelineInput {
-        runtime,
-        model,
-        recipe,
-        out_dir,
-        eval,
-        job_id,
-        options,
-        dataset,
-    } = input;
-    progress("load", 0.0);
-    std::fs::create_dir_all(out_dir).map_err(io("creating the output folder"))?;
-    let work = tempfile::tempdir_in(out_dir).map_err(io("creating scratch space"))?;
-    let original = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
-    let original_summary = ModelSummary::of(&original);
-    let model_dir = model
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let data_files = external::check(&original, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
-    let mut original_size = size(model)?;
-    for file in &data_files {
-        original_size += size(&model_dir.join(file))?;
-    }
-    // Load in ORT before any pass runs, so "ORT cannot load this model" is reported as such.
-    runtime
-        .session(model, eval.threads)
-        .map_err(|e| PipelineError::ModelLoad(e.to_string()))?;
+    let calibrating = input.options.hold_out_calibration || input.recipe.0.iter().any(|p| p.build().calibrates());
+    let prepared = Prepared::new(&input, calibrating, &mut *progress)?;
+    let result_path = input.out_dir.join(MODEL_ARTIFACT);
+    let applied = prepared.apply(input.recipe, &result_path, &mut *progress, (10.0, 50.0))?;
+    let report = prepared.measure(&result_path, applied, &mut *progress)?;
+    write_report(input.out_dir, &report)?;
+    progress("done", 100.0);
+    Ok(report)
+}
 
-    // Passes see a self-contained copy: external data is pulled into the model (and written out
-    // again beside the copy only if the model would not fit in one protobuf), so a pass's output
-    // never refers to files in the original's folder.
-    let mut current: PathBuf = model.to_path_buf();
-    if !data_files.is_empty() {
-        let mut inlined = original;
-        external::internalize(&mut inlined, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
-        current = work.path().join("input.onnx");
-        external::save(&inlined, &current, None).map_err(|e| PipelineError::Io(e.to_string()))?;
-    } else {
-        drop(original);
-    }
-    let calibrating = recipe.0.iter().any(|p| p.build().calibrates());
-    let calibration = if calibrating {
-        Some(calibration_set(
-            &original_summary,
+/// Writes `report.json` and `report.html` into `out_dir`.
+pub fn write_report(out_dir: &Path, report: &Report) -> Result<(), PipelineError> {
+    write_json(&out_dir.join(REPORT_ARTIFACT), report)?;
+    std::fs::write(out_dir.join(REPORT_HTML_ARTIFACT), report::html::render(report)).map_err(io("writing report.html"))
+}
+
+/// What passes left behind: the recipe they ran, their records and warnings.
+pub struct Applied {
+    pub recipe: Recipe,
+    pub passes: Vec<PassRecord>,
+    pub warnings: Vec<String>,
+}
+
+/// The original model checked, loaded once in ORT and made self-contained, with the calibration
+/// set drawn: everything a recipe needs before it runs. The advisor applies many recipes to one
+/// `Prepared`, so every candidate sees the same input, the same calibration samples and the same
+/// evaluation split.
+pub struct Prepared<'a> {
+    input: &'a PipelineInput<'a>,
+    work: tempfile::TempDir,
+    /// A self-contained copy of the original (or the original itself when it has no external data).
+    current: PathBuf,
+    model_dir: PathBuf,
+    data_files: std::collections::BTreeSet<String>,
+    pub original_summary: ModelSummary,
+    pub original_size: u64,
+    calibrating: bool,
+    calibration: Option<CalibrationSet>,
+    steps_done: std::cell::Cell<usize>,
+}
+
+impl<'a> Prepared<'a> {
+    /// `calibrating`: set aside the calibration split (and draw calibration samples) even if the
+    /// first recipe does not need them, so later recipes measure on the same evaluation split.
+    pub fn new(input: &'a PipelineInput<'a>, calibrating: bool, progress: Progress<'_>) -> Result<Self, PipelineError> {
+        let PipelineInput {
+            runtime,
+            model,
+            out_dir,
             eval,
             options,
             dataset,
-            &work.path().join("calibration"),
-        )?)
-    } else {
-        None
-    };
-    let mut passes = Vec::new();
-    let mut warnings = Vec::new();
-    let steps = recipe.0.len();
-    for (i, spec) in recipe.0.iter().enumerate() {
-        let pass = spec.build();
-        progress(&format!("pass:{}", pass.name()), 10.0 + 40.0 * i as f32 / steps as f32);
-        let next = work.path().join(format!("step-{i}.onnx"));
-        let ctx = PassContext {
-            runtime,
-            work_dir: work.path(),
-            calibration: calibration.as_ref(),
-            threads: eval.threads,
+            ..
+        } = *input;
+        progress("load", 0.0);
+        std::fs::create_dir_all(out_dir).map_err(io("creating the output folder"))?;
+        let work = tempfile::tempdir_in(out_dir).map_err(io("creating scratch space"))?;
+        let original = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+        let original_summary = ModelSummary::of(&original);
+        let model_dir = model
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let data_files =
+            external::check(&original, &model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+        let mut original_size = size(model)?;
+        for file in &data_files {
+            original_size += size(&model_dir.join(file))?;
+        }
+        // Load in ORT before any pass runs, so "ORT cannot load this model" is reported as such.
+        runtime
+            .session(model, eval.threads)
+            .map_err(|e| PipelineError::ModelLoad(e.to_string()))?;
+
+        // Passes see a self-contained copy: external data is pulled into the model (and written out
+        // again beside the copy only if the model would not fit in one protobuf), so a pass's output
+        // never refers to files in the original's folder.
+        let mut current: PathBuf = model.to_path_buf();
+        if !data_files.is_empty() {
+            let mut inlined = original;
+            external::internalize(&mut inlined, &model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+            current = work.path().join("input.onnx");
+            external::save(&inlined, &current, None).map_err(|e| PipelineError::Io(e.to_string()))?;
+        } else {
+            drop(original);
+        }
+        let calibration = if calibrating {
+            Some(calibration_set(
+                &original_summary,
+                eval,
+                options,
+                dataset,
+                &work.path().join("calibration"),
+            )?)
+        } else {
+            None
         };
-        let start = Instant::now();
-        let out = pass.run(&current, &next, &ctx).map_err(|e| PipelineError::Pass {
-            pass: pass.name().into(),
-            message: e.0,
-        })?;
-        passes.push(PassRecord {
-            pass: pass.name().into(),
-            duration_ms: start.elapsed().as_secs_f64() * 1e3,
-            notes: out.notes,
-        });
-        warnings.extend(out.warnings);
-        current = next;
-    }
-
-    let result_path = out_dir.join(MODEL_ARTIFACT);
-    std::fs::copy(&current, &result_path).map_err(io("writing model.onnx"))?;
-    let result_model = onnx::load(&result_path).map_err(|e| PipelineError::Pass {
-        pass: "recipe".into(),
-        message: format!("the result is not a valid ONNX model: {e}"),
-    })?;
-    let result_summary = ModelSummary::of(&result_model);
-    let result_sparsity = onnx::tensor::zero_fraction(&result_model);
-    drop(result_model);
-    let original_sparsity = {
-        let mut m = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
-        external::internalize(&mut m, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
-        onnx::tensor::zero_fraction(&m)
-    };
-
-    progress("evaluate", 55.0);
-    let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
-        PipelineError::Evaluation(format!("unknown execution provider {:?}", options.execution_provider))
-    })?;
-    let unpack_dir = work.path().join("dataset");
-    if dataset.is_some() {
-        std::fs::create_dir_all(&unpack_dir).map_err(io("creating the dataset folder"))?;
-    }
-    let evaluated = evaluate::evaluate(
-        evaluate::Setup {
-            runtime,
-            eval,
-            options,
-            provider,
-            inputs: &original_summary.inputs,
-            result_inputs: &result_summary.inputs,
-            dataset: dataset.map(|d| (d, unpack_dir.as_path())),
-            calibrating,
-        },
-        model,
-        &result_path,
-        &mut *progress,
-    )?;
-    warnings.extend(evaluated.warnings);
-    let result_size = size(&result_path)?;
-    if result_size > original_size {
-        warnings.push(format!(
-            "the result is larger than the original ({result_size} vs {original_size} bytes)"
-        ));
-    }
-    if let Some(w) = recipe.ordering_warning() {
-        warnings.push(w);
-    }
-    let broken = evaluated.result.fidelity.non_finite_values;
-    if broken > 0 {
-        return Err(PipelineError::NonFinite(format!(
-            "the result produces NaN or infinite values ({broken} of its output values where the original's are \
-             finite); it is not returned"
-        )));
-    }
-    let (before, after) = (evaluated.original.latency.p50_ms, evaluated.result.latency.p50_ms);
-    // Past 5% and past timer noise (10 µs) on models that run in microseconds.
-    if after > before * 1.05 && after - before > 0.01 {
-        warnings.push(format!(
-            "the result is slower than the original: p50 {after:.3} ms vs {before:.3} ms at batch 1 ({:.2}x) on {} \
-             with {} thread(s)",
-            after / before,
-            provider.as_str(),
-            eval.threads
-        ));
-    }
-
-    progress("report", 95.0);
-    let mut original_files: Vec<PathBuf> = vec![model.to_path_buf()];
-    original_files.extend(data_files.iter().map(|f| model_dir.join(f)));
-    let measurement = |size_bytes, compressed_size_bytes, parameters, sparsity, side: evaluate::Side| Measurement {
-        size_bytes,
-        compressed_size_bytes,
-        parameters,
-        sparsity,
-        latency: side.latency,
-        latency_batched: side.batched,
-        fidelity: side.fidelity,
-        metrics: side.metrics,
-    };
-    let report = Report {
-        schema_version: report::SCHEMA_VERSION,
-        job_id,
-        created_at: chrono::Utc::now(),
-        recipe: recipe.clone(),
-        environment: Environment {
-            onnxruntime_version: runtime.version.clone(),
-            execution_provider: provider.as_str().into(),
-            cpu_model: cpu_model(),
-            intra_op_threads: eval.threads,
-            warmup_runs: eval.warmup_runs,
-            timed_runs: eval.timed_runs,
-            inputs: evaluated.evaluation.inputs.clone(),
-            seed: eval.seed,
-            batch_size: eval.batch_size,
-            dynamic_dim_default: eval.dynamic_dim,
-            peak_memory_bytes: peak_memory_bytes(),
-        },
-        evaluation: evaluated.evaluation,
-        inputs: evaluated.inputs,
-        original: measurement(
+        Ok(Prepared {
+            input,
+            work,
+            current,
+            model_dir,
+            data_files,
+            original_summary,
             original_size,
-            zstd_size(&original_files)?,
-            original_summary.parameters,
-            original_sparsity,
-            evaluated.original,
-        ),
-        result: measurement(
-            size(&result_path)?,
-            zstd_size(std::slice::from_ref(&result_path))?,
-            result_summary.parameters,
-            result_sparsity,
-            evaluated.result,
-        ),
-        comparison: evaluated.comparison,
-        passes,
-        warnings,
-    };
-    write_json(&out_dir.join(REPORT_ARTIFACT), &report)?;
-    std::fs::write(out_dir.join(REPORT_HTML_ARTIFACT), report::html::render(&report))
-        .map_err(io("writing report.html"))?;
-    progress("done", 100.0);
-    Ok(report)
+            calibrating,
+            calibration,
+            steps_done: std::cell::Cell::new(0),
+        })
+    }
+
+    pub fn input(&self) -> &PipelineInput<'a> {
+        self.input
+    }
+
+    /// Scratch space that lives as long as this `Prepared`.
+    pub fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// The self-contained original every recipe starts from.
+    pub fn original_path(&self) -> &Path {
+        &self.current
+    }
+
+    pub fn calibration(&self) -> Option<&CalibrationSet> {
+        self.calibration.as_ref()
+    }
+
+    /// Runs `recipe`'s passes on the original and writes the result to `result_path`; progress
+    /// moves from `span.0` to `span.1` percent.
+    pub fn apply(
+        &self,
+        recipe: &Recipe,
+        result_path: &Path,
+        progress: Progress<'_>,
+        span: (f32, f32),
+    ) -> Result<Applied, PipelineError> {
+        let mut passes = Vec::new();
+        let mut warnings = Vec::new();
+        let steps = recipe.0.len();
+        let mut current = self.current.clone();
+        for (i, spec) in recipe.0.iter().enumerate() {
+            let pass = spec.build();
+            if pass.calibrates() && self.calibration.is_none() {
+                return Err(PipelineError::Pass {
+                    pass: pass.name().into(),
+                    message: "this pass calibrates, but no calibration set was prepared".into(),
+                });
+            }
+            progress(
+                &format!("pass:{}", pass.name()),
+                span.0 + (span.1 - span.0) * i as f32 / steps as f32,
+            );
+            let n = self.steps_done.get();
+            self.steps_done.set(n + 1);
+            let next = self.work.path().join(format!("step-{n}.onnx"));
+            let ctx = PassContext {
+                runtime: self.input.runtime,
+                work_dir: self.work.path(),
+                calibration: self.calibration.as_ref(),
+                threads: self.input.eval.threads,
+            };
+            let start = Instant::now();
+            let out = pass.run(&current, &next, &ctx).map_err(|e| PipelineError::Pass {
+                pass: pass.name().into(),
+                message: e.0,
+            })?;
+            passes.push(PassRecord {
+                pass: pass.name().into(),
+                duration_ms: start.elapsed().as_secs_f64() * 1e3,
+                notes: out.notes,
+            });
+            warnings.extend(out.warnings);
+            current = next;
+        }
+        std::fs::copy(&current, result_path).map_err(io("writing the result model"))?;
+        Ok(Applied {
+            recipe: recipe.clone(),
+            passes,
+            warnings,
+        })
+    }
+
+    /// Measures the original and the model at `result_path` the same way and builds the report.
+    pub fn measure(
+        &self,
+        result_path: &Path,
+        applied: Applied,
+        progress: Progress<'_>,
+    ) -> Result<Report, PipelineError> {
+        let PipelineInput {
+            runtime,
+            model,
+            eval,
+            job_id,
+            options,
+            dataset,
+            ..
+        } = *self.input;
+        let Applied {
+            recipe,
+            passes,
+            mut warnings,
+        } = applied;
+        let original_summary = &self.original_summary;
+        let original_size = self.original_size;
+        let model_dir = self.model_dir.as_path();
+        let result_model = onnx::load(result_path).map_err(|e| PipelineError::Pass {
+            pass: "recipe".into(),
+            message: format!("the result is not a valid ONNX model: {e}"),
+        })?;
+        let result_summary = ModelSummary::of(&result_model);
+        let result_sparsity = onnx::tensor::zero_fraction(&result_model);
+        drop(result_model);
+        let original_sparsity = {
+            let mut m = onnx::load(model).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+            external::internalize(&mut m, model_dir).map_err(|e| PipelineError::InvalidModel(e.to_string()))?;
+            onnx::tensor::zero_fraction(&m)
+        };
+
+        progress("evaluate", 55.0);
+        let provider = Provider::parse(&options.execution_provider).ok_or_else(|| {
+            PipelineError::Evaluation(format!("unknown execution provider {:?}", options.execution_provider))
+        })?;
+        // A folder per measurement: the advisor measures many candidates from one `Prepared`.
+        let unpacked = tempfile::tempdir_in(self.work.path()).map_err(io("creating the dataset folder"))?;
+        let unpack_dir = unpacked.path().to_path_buf();
+        let evaluated = evaluate::evaluate(
+            evaluate::Setup {
+                runtime,
+                eval,
+                options,
+                provider,
+                inputs: &original_summary.inputs,
+                result_inputs: &result_summary.inputs,
+                dataset: dataset.map(|d| (d, unpack_dir.as_path())),
+                calibrating: self.calibrating,
+            },
+            model,
+            result_path,
+            &mut *progress,
+        )?;
+        warnings.extend(evaluated.warnings);
+        let result_size = size(result_path)?;
+        if result_size > original_size {
+            warnings.push(format!(
+                "the result is larger than the original ({result_size} vs {original_size} bytes)"
+            ));
+        }
+        if let Some(w) = recipe.ordering_warning() {
+            warnings.push(w);
+        }
+        let broken = evaluated.result.fidelity.non_finite_values;
+        if broken > 0 {
+            return Err(PipelineError::NonFinite(format!(
+                "the result produces NaN or infinite values ({broken} of its output values where the original's are \
+                 finite); it is not returned"
+            )));
+        }
+        let (before, after) = (evaluated.original.latency.p50_ms, evaluated.result.latency.p50_ms);
+        // Past 5% and past timer noise (10 µs) on models that run in microseconds.
+        if after > before * 1.05 && after - before > 0.01 {
+            warnings.push(format!(
+                "the result is slower than the original: p50 {after:.3} ms vs {before:.3} ms at batch 1 ({:.2}x) on {} \
+                 with {} thread(s)",
+                after / before,
+                provider.as_str(),
+                eval.threads
+            ));
+        }
+
+        progress("report", 95.0);
+        let mut original_files: Vec<PathBuf> = vec![model.to_path_buf()];
+        original_files.extend(self.data_files.iter().map(|f| model_dir.join(f)));
+        let measurement = |size_bytes, compressed_size_bytes, parameters, sparsity, side: evaluate::Side| Measurement {
+            size_bytes,
+            compressed_size_bytes,
+            parameters,
+            sparsity,
+            latency: side.latency,
+            latency_batched: side.batched,
+            fidelity: side.fidelity,
+            metrics: side.metrics,
+        };
+        Ok(Report {
+            schema_version: report::SCHEMA_VERSION,
+            job_id,
+            created_at: chrono::Utc::now(),
+            recipe,
+            environment: Environment {
+                onnxruntime_version: runtime.version.clone(),
+                execution_provider: provider.as_str().into(),
+                cpu_model: cpu_model(),
+                intra_op_threads: eval.threads,
+                warmup_runs: eval.warmup_runs,
+                timed_runs: eval.timed_runs,
+                inputs: evaluated.evaluation.inputs.clone(),
+                seed: eval.seed,
+                batch_size: eval.batch_size,
+                dynamic_dim_default: eval.dynamic_dim,
+                peak_memory_bytes: peak_memory_bytes(),
+            },
+            evaluation: evaluated.evaluation,
+            inputs: evaluated.inputs,
+            original: measurement(
+                original_size,
+                zstd_size(&original_files)?,
+                original_summary.parameters,
+                original_sparsity,
+                evaluated.original,
+            ),
+            result: measurement(
+                result_size,
+                zstd_size(&[result_path.to_path_buf()])?,
+                result_summary.parameters,
+                result_sparsity,
+                evaluated.result,
+            ),
+            comparison: evaluated.comparison,
+            passes,
+            warnings,
+            advisor: None,
+        })
+    }
 }
 
 /// Bytes the files take compressed with zstd level 3, streamed (never read whole).

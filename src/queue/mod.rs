@@ -98,6 +98,10 @@ pub struct JobRow {
     pub dataset_id: Option<Uuid>,
     /// The job's evaluation options (`eval::dataset::EvaluationOptions` as JSON).
     pub evaluation: Json<Value>,
+    /// Goal jobs: what the advisor is asked (the recipe is JSON null then).
+    pub goal: Option<Json<Value>>,
+    /// Goal jobs: the candidates measured so far by the current attempt.
+    pub candidates: Json<Value>,
     /// Set when retention deleted the job's artifacts.
     pub artifacts_expired_at: Option<DateTime<Utc>>,
 }
@@ -111,6 +115,7 @@ pub struct NewJob<'a> {
     pub timeout_s: i32,
     pub dataset_id: Option<Uuid>,
     pub evaluation: &'a Value,
+    pub goal: Option<&'a Value>,
     /// `(Idempotency-Key, hash of the request)`, when the client sent a key.
     pub idempotency: Option<(&'a str, &'a str)>,
 }
@@ -132,8 +137,8 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     let created: Option<JobRow> = sqlx::query_as(
         "WITH model AS (SELECT id FROM models WHERE id = $2 AND tenant_id = $3 FOR SHARE)
          INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts, timeout_s,
-                           idempotency_key, request_hash, dataset_id, evaluation)
-         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11 FROM model
+                           idempotency_key, request_hash, dataset_id, evaluation, goal)
+         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM model
          ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -148,6 +153,7 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     .bind(hash)
     .bind(job.dataset_id)
     .bind(Json(job.evaluation))
+    .bind(job.goal.map(Json))
     .fetch_optional(pool)
     .await?;
     if let Some(row) = created {
@@ -222,7 +228,8 @@ pub async fn claim_for(
              worker_id = $1,
              started_at = COALESCE(started_at, now()),
              progress_stage = 'starting',
-             progress_percent = 0
+             progress_percent = 0,
+             candidates = '[]'::jsonb
          WHERE id = (
              SELECT id FROM jobs
              WHERE state = 'queued' AND scheduled_at <= now()
@@ -238,6 +245,17 @@ pub async fn claim_for(
     .bind(providers)
     .fetch_optional(pool)
     .await
+}
+
+/// Records the advisor's candidates so far, only if `attempt` still owns the running job.
+pub async fn record_candidates(pool: &PgPool, id: Uuid, attempt: i32, candidates: &Value) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET candidates = $3 WHERE id = $1 AND attempt = $2 AND state = 'running'")
+        .bind(id)
+        .bind(attempt)
+        .bind(Json(candidates))
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// What a heartbeat learned.

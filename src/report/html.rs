@@ -114,6 +114,9 @@ pub fn render(report: &Report) -> String {
     header(&mut out, report);
     summary(&mut out, report);
     warnings(&mut out, &report.warnings);
+    if let Some(a) = report.advisor.as_deref() {
+        super::advisor_html::section(&mut out, a, report.original.size_bytes);
+    }
     charts(&mut out, report);
     task_metrics(&mut out, report);
     fidelity(&mut out, report);
@@ -384,11 +387,21 @@ fn warnings(out: &mut String, warnings: &[String]) {
 fn charts(out: &mut String, report: &Report) {
     let (name, lower, o, r) = headline(report);
     out.push_str("<h2>Size × quality</h2>\n<figure>\n");
-    let points = [
-        ("original", report.original.size_bytes, o),
-        ("result", report.result.size_bytes, r),
-    ];
-    out.push_str(&scatter_svg(&points, &name, lower, Some(1)));
+    match report.advisor.as_deref() {
+        // Every candidate the advisor measured, on the goal's metric.
+        Some(a) => {
+            let sc = super::advisor_html::scatter_points(a, report.original.size_bytes);
+            let points: Vec<(&str, u64, f64)> = sc.points.iter().map(|(l, s, m)| (l.as_str(), *s, *m)).collect();
+            out.push_str(&scatter_svg(&points, &sc.metric, sc.lower_is_better, sc.chosen));
+        }
+        None => {
+            let points = [
+                ("original", report.original.size_bytes, o),
+                ("result", report.result.size_bytes, r),
+            ];
+            out.push_str(&scatter_svg(&points, &name, lower, Some(1)));
+        }
+    }
     w!(
         out,
         "<figcaption><div class=\"legend\">\
@@ -1182,7 +1195,7 @@ fn json_inline(value: &Value) -> String {
 }
 
 /// `x` to `digits` significant digits (fixed notation).
-fn sig(x: f64, digits: i32) -> String {
+pub(crate) fn sig(x: f64, digits: i32) -> String {
     if !x.is_finite() {
         return x.to_string();
     }
@@ -1286,7 +1299,7 @@ fn opt(x: Option<f64>, f: fn(f64) -> String) -> String {
 }
 
 /// A duration in milliseconds, in the unit that reads best.
-fn duration(ms: f64) -> String {
+pub(crate) fn duration(ms: f64) -> String {
     if !ms.is_finite() {
         return format!("{ms} ms");
     }
@@ -1308,7 +1321,7 @@ fn group(n: u64) -> String {
 }
 
 /// Bytes in decimal units (kB, MB), as on the scatter's axis.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;

@@ -1,6 +1,7 @@
 //! The report a job leaves behind (`report.json`). The schema is versioned and grows by adding
 //! fields; clients ignore fields they do not know.
 
+mod advisor_html;
 pub mod html;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -12,7 +13,8 @@ use crate::eval::inputs::EvaluatedInput;
 use crate::eval::latency::Latency;
 use crate::eval::metrics::{Classification, Regression};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2 added `advisor` (goal jobs) and `latency.p95_ms`.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -30,6 +32,9 @@ pub struct Report {
     pub comparison: Option<Comparison>,
     pub passes: Vec<PassRecord>,
     pub warnings: Vec<String>,
+    /// Goal jobs only: the search, its candidates and the decision (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advisor: Option<Box<crate::advisor::AdvisorReport>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -147,15 +147,16 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
 
     let progress: Arc<Mutex<Option<(String, f32)>>> = Arc::default();
     let error: Arc<Mutex<Option<Event>>> = Arc::default();
+    let candidates: Arc<Mutex<Candidates>> = Arc::default();
     let stderr_tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let readers = (
-        tokio::spawn(read_events(stdout, progress.clone(), error.clone())),
+        tokio::spawn(read_events(stdout, progress.clone(), error.clone(), candidates.clone())),
         tokio::spawn(read_stderr(stderr, stderr_tail.clone())),
     );
 
-    let status = match supervise(ctx, job, &mut child, &progress, shutdown).await {
+    let status = match supervise(ctx, job, &mut child, (&progress, &candidates), shutdown).await {
         Ok(status) => status,
         Err(outcome) => {
             let _ = child.kill().await;
@@ -164,6 +165,14 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
     };
     let _ = readers.0.await;
     let _ = readers.1.await;
+    // Candidates reported after the last heartbeat (a search faster than one tick).
+    let found = candidates.lock().unwrap().clone();
+    if found.events > 0
+        && let Err(e) =
+            queue::record_candidates(&ctx.pool, job.id, job.attempt, &serde_json::Value::Array(found.list)).await
+    {
+        tracing::warn!(error = %e, "recording candidates failed");
+    }
 
     if status.success() {
         return store_artifacts(ctx, job, &out_dir).await;
@@ -212,13 +221,12 @@ fn spawn(
     dataset: Option<&Path>,
 ) -> std::io::Result<Child> {
     let mut cmd = Command::new(&ctx.runner);
-    cmd.arg("--config")
-        .arg(config)
-        .arg("compress")
-        .arg(input)
-        .arg("--recipe")
-        .arg(job.recipe.0.to_string())
-        .arg("--out")
+    cmd.arg("--config").arg(config).arg("compress").arg(input);
+    match &job.goal {
+        Some(goal) => cmd.arg("--goal").arg(goal.0.to_string()),
+        None => cmd.arg("--recipe").arg(job.recipe.0.to_string()),
+    };
+    cmd.arg("--out")
         .arg(out_dir)
         .arg("--job-id")
         .arg(job.id.to_string())
@@ -270,7 +278,7 @@ async fn supervise(
     ctx: &WorkerContext,
     job: &JobRow,
     child: &mut Child,
-    progress: &Mutex<Option<(String, f32)>>,
+    (progress, candidates): (&Mutex<Option<StageProgress>>, &Mutex<Candidates>),
     shutdown: &CancellationToken,
 ) -> Result<ExitStatus, Outcome> {
     let cfg = &ctx.config.worker;
@@ -280,6 +288,7 @@ async fn supervise(
     let renew_every = Duration::from_secs_f64((cfg.lease_s as f64 / 3.0).min(1.0));
     let mut last_renewal = Instant::now();
     let mut reported: Option<(String, f32)> = None;
+    let mut reported_candidates = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut grace_until: Option<Instant> = None;
     loop {
@@ -298,6 +307,14 @@ async fn supervise(
             _ = tick.tick() => {
                 if grace_until.is_some_and(|g| Instant::now() >= g) {
                     return Err(Outcome::Released);
+                }
+                let found = candidates.lock().unwrap().clone();
+                if found.events != reported_candidates {
+                    let list = serde_json::Value::Array(found.list);
+                    match queue::record_candidates(&ctx.pool, job.id, job.attempt, &list).await {
+                        Ok(()) => reported_candidates = found.events,
+                        Err(e) => tracing::warn!(error = %e, "recording candidates failed"),
+                    }
                 }
                 let latest = progress.lock().unwrap().clone();
                 let changed = latest.is_some() && latest != reported;
@@ -319,16 +336,40 @@ async fn supervise(
     }
 }
 
+/// The job process's latest `(stage, percent)`.
+type StageProgress = (String, f32);
+
+/// The advisor's candidates as the job process reported them, and how many reports came (each
+/// adds a candidate or updates one), so the supervisor knows when the list changed.
+#[derive(Debug, Default, Clone)]
+struct Candidates {
+    events: usize,
+    list: Vec<serde_json::Value>,
+}
+
+impl Candidates {
+    fn update(&mut self, candidate: serde_json::Value) {
+        self.events += 1;
+        let id = candidate.get("id").cloned();
+        match self.list.iter_mut().find(|c| c.get("id") == id.as_ref()) {
+            Some(existing) => *existing = candidate,
+            None => self.list.push(candidate),
+        }
+    }
+}
+
 async fn read_events(
     stdout: tokio::process::ChildStdout,
     progress: Arc<Mutex<Option<(String, f32)>>>,
     error: Arc<Mutex<Option<Event>>>,
+    candidates: Arc<Mutex<Candidates>>,
 ) {
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         match serde_json::from_str::<Event>(&line) {
             Ok(Event::Progress { stage, percent }) => *progress.lock().unwrap() = Some((stage, percent)),
             Ok(e @ Event::Error { .. }) => *error.lock().unwrap() = Some(e),
+            Ok(Event::Candidate { candidate }) => candidates.lock().unwrap().update(candidate),
             Ok(Event::Done) => {}
             Err(_) => tracing::debug!(line, "job process output"),
         }
@@ -391,11 +432,16 @@ fn crash_message(status: ExitStatus, tail: &[String]) -> String {
 
 async fn store_artifacts(ctx: &WorkerContext, job: &JobRow, out_dir: &Path) -> Outcome {
     let mut stored = Vec::new();
+    // A goal job whose goal nobody could meet succeeds with a report and no model.
+    let optional_model = job.goal.is_some() && !out_dir.join(MODEL_ARTIFACT).exists();
     for (name, content_type) in [
         (MODEL_ARTIFACT, "application/octet-stream"),
         (REPORT_ARTIFACT, "application/json"),
         (REPORT_HTML_ARTIFACT, "text/html; charset=utf-8"),
     ] {
+        if name == MODEL_ARTIFACT && optional_model {
+            continue;
+        }
         let path: PathBuf = out_dir.join(name);
         let (size, sha256) = match storage::hash_file(&path).await {
             Ok(h) => h,

@@ -9,6 +9,11 @@ pub enum Event {
         stage: String,
         percent: f32,
     },
+    /// The advisor finished measuring a candidate (an `advisor::CandidateRecord`); a later event
+    /// with the same `id` replaces it.
+    Candidate {
+        candidate: serde_json::Value,
+    },
     Error {
         code: String,
         message: String,

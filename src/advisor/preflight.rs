@@ -1,0 +1,341 @@
+//! Pre-flight: before anything is measured, read what the model offers (which weight-bearing ops,
+//! how many) and what this machine can do (CPU vector extensions, the provider), and turn that into
+//! an ordered list of candidate recipes plus the candidates that cannot win, each with its reason.
+//! Seconds of reasoning here save minutes of measuring candidates that were never going to be
+//! chosen.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::goal::{Goal, Objective};
+use crate::compress::Recipe;
+use crate::compress::weights::{constant, weight_of};
+use crate::eval::Provider;
+use crate::onnx::ModelProto;
+use crate::onnx::graph::GraphIndex;
+
+/// Vector extensions that decide which quantized kernels are fast on this CPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuFeatures {
+    pub avx2: bool,
+    pub avx512f: bool,
+    /// AVX512-VNNI or AVX-VNNI: int8 dot products in one instruction (ORT's int8 GEMMs use them).
+    pub vnni: bool,
+    /// Hardware float16 arithmetic (AVX512-FP16); F16C alone only converts.
+    pub fp16_arithmetic: bool,
+}
+
+impl CpuFeatures {
+    /// Read from /proc/cpuinfo's flags; all false elsewhere (the advisor then assumes the worst).
+    pub fn detect() -> CpuFeatures {
+        let flags = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("flags"))
+                    .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            })
+            .unwrap_or_default();
+        let has = |f: &str| flags.iter().any(|x| x == f);
+        CpuFeatures {
+            avx2: has("avx2"),
+            avx512f: has("avx512f"),
+            vnni: has("avx512_vnni") || has("avx_vnni"),
+            fp16_arithmetic: has("avx512_fp16"),
+        }
+    }
+}
+
+/// One recipe to try, with the words the report uses for it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub label: String,
+    pub recipe: Recipe,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuledOut {
+    pub candidate: String,
+    pub reason: String,
+}
+
+/// What the report shows of the pre-flight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preflight {
+    pub execution_provider: String,
+    pub cpu: CpuFeatures,
+    /// Weight-bearing nodes the passes can work on, by operator.
+    pub compressible: BTreeMap<String, u64>,
+    pub parameters: u64,
+    pub ruled_out: Vec<RuledOut>,
+    /// Candidate labels in the order they are tried.
+    pub planned: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+fn recipe(steps: Value) -> Recipe {
+    Recipe::parse(&steps).expect("the advisor's own recipes are valid")
+}
+
+/// Weight-bearing nodes by operator: MatMul/Gemm with a constant 2-D float weight, Conv with a
+/// constant weight (initializer or `Constant` node), in the main graph.
+pub fn census(model: &ModelProto) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    let Some(g) = model.graph.as_ref() else {
+        return counts;
+    };
+    let index = GraphIndex::new(g);
+    for n in g.node.iter().filter(|n| matches!(n.domain(), "" | "ai.onnx")) {
+        let counted = match n.op_type() {
+            "MatMul" | "Gemm" => weight_of(n, &index, g).is_ok(),
+            "Conv" => n.input.get(1).is_some_and(|w| constant(&index, g, w).is_some()),
+            _ => false,
+        };
+        if counted {
+            *counts.entry(n.op_type().to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The candidates worth measuring for `goal` on this model and machine, best first.
+/// `compressible` is the model's [`census`].
+pub fn plan(
+    compressible: &BTreeMap<String, u64>,
+    parameters: u64,
+    goal: &Goal,
+    provider: Provider,
+    cpu: &CpuFeatures,
+) -> (Preflight, Vec<Plan>) {
+    let count = |op: &str| compressible.get(op).copied().unwrap_or(0);
+    let (matmul, gemm, conv) = (count("MatMul"), count("Gemm"), count("Conv"));
+    let latency = goal.cares_about_latency();
+    let on_cpu = provider == Provider::Cpu;
+    let mut ruled_out = Vec::new();
+    let mut notes = Vec::new();
+    let mut rule_out = |candidate: &str, reason: String| {
+        ruled_out.push(RuledOut {
+            candidate: candidate.into(),
+            reason,
+        })
+    };
+
+    let lossless = Plan {
+        label: "graph optimization (lossless)".into(),
+        recipe: recipe(json!([{"pass": "optimize", "level": "extended"}])),
+    };
+    let dynamic = Plan {
+        label: "int8 dynamic (per-channel)".into(),
+        recipe: recipe(json!([{"pass": "quantize_int8_dynamic", "per_channel": true}])),
+    };
+    let static_minmax = Plan {
+        label: "int8 static (per-channel, minmax)".into(),
+        recipe: recipe(json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "minmax"}])),
+    };
+    let static_percentile = Plan {
+        label: "int8 static (per-channel, percentile 99.99)".into(),
+        recipe: recipe(
+            json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "percentile", "percentile": 99.99}]),
+        ),
+    };
+    // accuracy_level 4 computes MatMulNBits in int8 on CPU (faster); 0 stores no attribute
+    // (smallest), with float32 compute.
+    let level = if goal.objective == Objective::Fastest { 4 } else { 0 };
+    let int4 = |block: u32| Plan {
+        label: format!("int4 weight-only (block {block})"),
+        recipe: recipe(json!([{"pass": "quantize_int4_weight_only", "block_size": block, "accuracy_level": level}])),
+    };
+    let int4_then_int8 = Plan {
+        label: "int4 weight-only (block 32) + int8 dynamic for Gemm".into(),
+        recipe: recipe(json!([
+            {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
+            {"pass": "quantize_int8_dynamic", "per_channel": true}
+        ])),
+    };
+    // The weights quantization leaves in float32 (embeddings, biases, Conv kernels) halved.
+    let int4_then_fp16 = Plan {
+        label: "int4 weight-only (block 32) + float16 for the rest".into(),
+        recipe: recipe(json!([
+            {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
+            {"pass": "fp16"}
+        ])),
+    };
+    let dynamic_then_fp16 = Plan {
+        label: "int8 dynamic (per-channel) + float16 for the rest".into(),
+        recipe: recipe(json!([
+            {"pass": "quantize_int8_dynamic", "per_channel": true},
+            {"pass": "fp16"}
+        ])),
+    };
+    let fp16 = Plan {
+        label: "float16".into(),
+        recipe: recipe(json!([{"pass": "fp16"}])),
+    };
+
+    let mut dynamic_ok = matmul + gemm > 0;
+    if !dynamic_ok {
+        rule_out(
+            "int8 dynamic",
+            format!(
+                "dynamic quantization covers MatMul/Gemm weights; this model has none ({conv} Conv): ONNX Runtime has \
+                 no fast dynamic ConvInteger kernel on {}",
+                provider.as_str()
+            ),
+        );
+    }
+    if dynamic_ok && !on_cpu && latency {
+        dynamic_ok = false;
+        rule_out(
+            "int8 dynamic",
+            "MatMulInteger runs on the CPU under the CUDA provider (memory copies each way): it cannot win on latency"
+                .into(),
+        );
+    }
+    let int4_ok = matmul > 0;
+    if !int4_ok {
+        rule_out(
+            "int4 weight-only",
+            format!(
+                "MatMulNBits replaces MatMul weights only; this model has no MatMul with a stored weight ({gemm} Gemm, \
+                 {conv} Conv)"
+            ),
+        );
+    }
+    let static_ok = matmul + gemm + conv > 0;
+    if !static_ok {
+        rule_out(
+            "int8 static",
+            "no MatMul/Gemm/Conv with a stored weight to quantize".into(),
+        );
+    }
+    let mut fp16_ok = true;
+    if on_cpu && latency {
+        fp16_ok = false;
+        rule_out(
+            "float16",
+            format!(
+                "ONNX Runtime's CPU provider has float16 kernels for few ops and runs the rest through casts to \
+                 float32 (whether or not the CPU has AVX512-FP16: {}): float16 does not win on CPU latency, which the \
+                 goal names",
+                if cpu.fp16_arithmetic {
+                    "this one has"
+                } else {
+                    "this one has not"
+                }
+            ),
+        );
+    }
+    if on_cpu && static_ok && !cpu.vnni {
+        notes.push(
+            "this CPU has no VNNI: int8 kernels use AVX2 multiply-adds, so int8 speed-ups are smaller than on \
+             VNNI/AMX machines"
+                .into(),
+        );
+    }
+    if parameters < 10_000 {
+        notes.push(format!(
+            "the model has only {parameters} parameters: fixed costs (graph overhead, quantize/dequantize ops) can \
+             outweigh any saving"
+        ));
+    }
+
+    let mut plans: Vec<Plan> = Vec::new();
+    let mut add = |ok: bool, p: &Plan| {
+        if ok {
+            plans.push(p.clone())
+        }
+    };
+    match goal.objective {
+        Objective::Smallest => {
+            add(int4_ok && fp16_ok, &int4_then_fp16);
+            add(int4_ok && gemm > 0, &int4_then_int8);
+            add(int4_ok, &int4(32));
+            add(int4_ok, &int4(128));
+            add(static_ok, &static_minmax);
+            add(dynamic_ok, &dynamic);
+            add(dynamic_ok && fp16_ok, &dynamic_then_fp16);
+            add(static_ok, &static_percentile);
+            add(fp16_ok, &fp16);
+            add(true, &lossless);
+        }
+        Objective::Fastest => {
+            add(true, &lossless);
+            add(static_ok, &static_minmax);
+            add(dynamic_ok, &dynamic);
+            add(int4_ok, &int4(32));
+            add(static_ok, &static_percentile);
+            add(fp16_ok, &fp16);
+        }
+        Objective::MostAccurate => {
+            add(true, &lossless);
+            add(fp16_ok, &fp16);
+            add(dynamic_ok, &dynamic);
+            add(static_ok, &static_percentile);
+            add(static_ok, &static_minmax);
+            add(int4_ok, &int4(32));
+        }
+    }
+    let preflight = Preflight {
+        execution_provider: provider.as_str().into(),
+        cpu: cpu.clone(),
+        compressible: compressible.clone(),
+        parameters,
+        ruled_out,
+        planned: plans.iter().map(|p| p.label.clone()).collect(),
+        notes,
+    };
+    (preflight, plans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn census(ops: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        ops.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn goal(objective: &str) -> Goal {
+        Goal::parse(&json!({"objective": objective}), crate::eval::dataset::Task::Generic).unwrap()
+    }
+
+    #[test]
+    fn a_cnn_rules_out_int4_and_dynamic_int8_with_reasons() {
+        let (pre, plans) = plan(
+            &census(&[("Conv", 12)]),
+            100_000,
+            &goal("smallest"),
+            Provider::Cpu,
+            &CpuFeatures::default(),
+        );
+        let ruled: Vec<&str> = pre.ruled_out.iter().map(|r| r.candidate.as_str()).collect();
+        assert!(
+            ruled.contains(&"int4 weight-only") && ruled.contains(&"int8 dynamic"),
+            "{ruled:?}"
+        );
+        assert!(pre.ruled_out.iter().all(|r| !r.reason.is_empty()));
+        assert!(
+            plans
+                .iter()
+                .all(|p| !p.label.contains("int4") && !p.label.contains("dynamic"))
+        );
+        assert!(plans.iter().any(|p| p.label.contains("int8 static")));
+    }
+
+    #[test]
+    fn fp16_is_ruled_out_for_cpu_latency_but_kept_for_size() {
+        let s = census(&[("MatMul", 4)]);
+        let cpu = CpuFeatures::default();
+        let (pre, plans) = plan(&s, 100_000, &goal("fastest"), Provider::Cpu, &cpu);
+        assert!(plans.iter().all(|p| p.label != "float16"));
+        assert!(pre.ruled_out.iter().any(|r| r.candidate == "float16"));
+        let (_, plans) = plan(&s, 100_000, &goal("smallest"), Provider::Cpu, &cpu);
+        assert!(plans.iter().any(|p| p.label == "float16"));
+        // The smallest-first order puts the 4-bit candidates before the 8-bit ones.
+        let first_int4 = plans.iter().position(|p| p.label.contains("int4")).unwrap();
+        let first_int8 = plans.iter().position(|p| p.label.contains("int8")).unwrap();
+        assert!(first_int4 < first_int8);
+    }
+}
