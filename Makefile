@@ -39,7 +39,7 @@ bench: setup
 	bench/run.sh
 
 # Browser test of the dashboard in headless Chromium (installs Debian's chromium and
-# playwright-core); screenshots in target/e2e/. Not part of `make test`.
+# playwright-core); screenshots in target/e2e/. CI runs it after `make test` (.ci/run).
 e2e: setup
 	tests/e2e/run.sh
 
@@ -53,10 +53,12 @@ clean-data:
 	rm -rf data
 
 # A subset of the benchmarks in a few minutes, printed (BENCHMARKS.md is left alone): the queue
-# benchmark and the service benchmark with 5 s load runs and 100 MB uploads.
+# benchmark, the service benchmark with 5 s load runs and 100 MB uploads, and the pruning /
+# low-rank / clustering passes at one strength each.
 .PHONY: bench-quick
 bench-quick: setup
 	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
 	  $(CARGO) build --release --bin modelpress --examples >&2 && \
 	  ./target/release/examples/queue_bench && \
-	  SERVICE_BENCH_QUICK=1 bench/service_bench.sh
+	  SERVICE_BENCH_QUICK=1 bench/service_bench.sh && \
+	  MODELPRESS_BIN=target/release/modelpress PASSES_BENCH_QUICK=1 .venv/bin/python bench/passes_bench.py

@@ -23,6 +23,7 @@ out=BENCHMARKS.md.tmp
   ./target/release/examples/queue_bench
   ./target/release/examples/onnx_bench
   .venv/bin/python bench/quantize_vs_python.py
+  .venv/bin/python bench/passes_bench.py
   .venv/bin/python bench/physical_reference.py
   .venv/bin/python bench/advisor_bench.py
   bench/service_bench.sh

@@ -169,7 +169,7 @@ async fn smallest_within_one_point_of_accuracy_holds_when_re_run_as_a_recipe(poo
             best_single = best_single.min(r["result"]["size_bytes"].as_u64().unwrap());
         }
     }
-    assert!(chosen.size_bytes.unwrap() <= best_single, "{chosen:?} vs {best_single}");
+    assert!(chosen.size_bytes.unwrap() < best_single, "{chosen:?} vs {best_single}");
 
     // Re-measured in a fresh job with the decision's recipe, the constraint still holds.
     let again = app
@@ -360,7 +360,15 @@ fn the_repair_loop_keeps_the_fragile_layer_in_float() {
     let advisor = report.advisor.expect("an advisor section");
     // The first quantized candidate misses the fidelity budget because of MatMul_3, and its
     // sensitivity ranking says so.
-    let examined: Vec<_> = advisor.candidates.iter().filter(|c| c.sensitivity.is_some()).collect();
+    // (Pruned candidates change MatMul_3's output shape, so their damage shows downstream; the
+    // quantization-only candidates are the ones that isolate it.)
+    let quantization_only = |c: &&advisor::CandidateRecord| !c.label.contains("pruning");
+    let examined: Vec<_> = advisor
+        .candidates
+        .iter()
+        .filter(|c| c.sensitivity.is_some())
+        .filter(quantization_only)
+        .collect();
     assert!(!examined.is_empty(), "{:#?}", advisor.candidates);
     for c in &examined {
         assert_eq!(c.status, CandidateStatus::Infeasible, "{c:?}");
@@ -368,7 +376,12 @@ fn the_repair_loop_keeps_the_fragile_layer_in_float() {
     }
     // The first repair of each keeps exactly that layer in float, and at least one such repair
     // meets the budget (int4 on the wide layer may need a second round).
-    for c in advisor.candidates.iter().filter(|c| c.repair_of.is_some()) {
+    for c in advisor
+        .candidates
+        .iter()
+        .filter(|c| c.repair_of.is_some())
+        .filter(quantization_only)
+    {
         assert_eq!(c.kept_float[0], "MatMul_3", "{c:?}");
     }
     let repaired = advisor

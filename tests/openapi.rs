@@ -73,3 +73,21 @@ fn every_error_code_the_api_emits_is_documented() {
         assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }
 }
+
+#[test]
+fn every_known_pass_has_a_schema_in_the_recipe_spec() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let spec: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mapping = &spec["components"]["schemas"]["Pass"]["discriminator"]["mapping"];
+    for pass in modelpress::compress::KNOWN_PASSES {
+        let target = mapping[*pass]
+            .as_str()
+            .unwrap_or_else(|| panic!("openapi.yaml's Pass has no mapping for {pass:?}"));
+        let name = target.rsplit('/').next().unwrap();
+        assert_eq!(
+            spec["components"]["schemas"][name]["properties"]["pass"]["const"].as_str(),
+            Some(*pass),
+            "schema {name} does not describe pass {pass:?}"
+        );
+    }
+}

@@ -413,6 +413,7 @@ fn repairable(recipe: &Recipe) -> bool {
         .is_some_and(|steps| {
             steps
                 .iter()
+                .filter(|s| s.get("pass").and_then(Value::as_str) != Some("reconstruct"))
                 .any(|s| s.get("exclude_nodes").is_some() || s.get("node_block_list").is_some())
         })
 }
@@ -420,7 +421,12 @@ fn repairable(recipe: &Recipe) -> bool {
 /// `recipe` with `nodes` excluded from every pass that takes exclusions.
 fn excluding(recipe: &Recipe, nodes: &[String]) -> Option<Recipe> {
     let mut steps = serde_json::to_value(recipe).ok()?;
-    for step in steps.as_array_mut()? {
+    // `reconstruct` re-fits layers: leaving one out would not keep it in float, only unrepaired.
+    for step in steps
+        .as_array_mut()?
+        .iter_mut()
+        .filter(|s| s.get("pass").and_then(Value::as_str) != Some("reconstruct"))
+    {
         for key in ["exclude_nodes", "node_block_list"] {
             if let Some(Value::Array(list)) = step.get_mut(key) {
                 for n in nodes {

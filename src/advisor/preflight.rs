@@ -169,6 +169,20 @@ pub fn plan(
             {"pass": "fp16"}
         ])),
     };
+    // Structured pruning removes work, then reconstruct re-fits what follows to the original.
+    let pruned = |ratio: f64, then: Option<Value>, what: &str| {
+        let mut steps = vec![
+            json!({"pass": "prune_structured", "ratio": ratio}),
+            json!({"pass": "reconstruct"}),
+        ];
+        steps.extend(then);
+        Plan {
+            label: format!("structured pruning {:.0}% + reconstruct{what}", ratio * 100.0),
+            recipe: recipe(Value::Array(steps)),
+        }
+    };
+    let int4_step = json!({"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level});
+    let static_step = json!({"pass": "quantize_int8_static", "per_channel": true, "calibration": "minmax"});
     let fp16 = Plan {
         label: "float16".into(),
         recipe: recipe(json!([{"pass": "fp16"}])),
@@ -203,11 +217,19 @@ pub fn plan(
             ),
         );
     }
-    let static_ok = matmul + gemm + conv > 0;
+    let mut static_ok = matmul + gemm + conv > 0;
     if !static_ok {
         rule_out(
             "int8 static",
             "no MatMul/Gemm/Conv with a stored weight to quantize".into(),
+        );
+    } else if !on_cpu && latency {
+        static_ok = false;
+        rule_out(
+            "int8 static",
+            "the CUDA provider has no int8 QLinear kernels (they need TensorRT): a QDQ model runs in float with \
+             extra quantize/dequantize kernels, so it cannot win on latency"
+                .into(),
         );
     }
     let mut fp16_ok = true;
@@ -241,6 +263,14 @@ pub fn plan(
         ));
     }
 
+    // A chain needs a producer and a consumer with stored weights.
+    let prunable = matmul + gemm >= 2 || conv >= 2;
+    if !prunable {
+        rule_out(
+            "structured pruning",
+            "needs two weight-bearing layers in a row (MatMul/Gemm or Conv); this model has fewer".into(),
+        );
+    }
     let mut plans: Vec<Plan> = Vec::new();
     let mut add = |ok: bool, p: &Plan| {
         if ok {
@@ -252,6 +282,14 @@ pub fn plan(
             add(int4_ok && fp16_ok, &int4_then_fp16);
             add(int4_ok && gemm > 0, &int4_then_int8);
             add(int4_ok, &int4(32));
+            add(
+                prunable && int4_ok,
+                &pruned(0.3, Some(int4_step.clone()), " + int4 weight-only"),
+            );
+            add(
+                prunable && int4_ok,
+                &pruned(0.5, Some(int4_step.clone()), " + int4 weight-only"),
+            );
             add(int4_ok, &int4(128));
             add(static_ok, &static_minmax);
             add(dynamic_ok, &dynamic);
@@ -264,6 +302,11 @@ pub fn plan(
             add(true, &lossless);
             add(static_ok, &static_minmax);
             add(dynamic_ok, &dynamic);
+            add(prunable, &pruned(0.3, None, ""));
+            add(
+                prunable && static_ok,
+                &pruned(0.3, Some(static_step.clone()), " + int8 static"),
+            );
             add(int4_ok, &int4(32));
             add(static_ok, &static_percentile);
             add(fp16_ok, &fp16);
@@ -322,6 +365,19 @@ mod tests {
                 .all(|p| !p.label.contains("int4") && !p.label.contains("dynamic"))
         );
         assert!(plans.iter().any(|p| p.label.contains("int8 static")));
+    }
+
+    #[test]
+    fn on_cuda_latency_rules_out_integer_kernels_but_keeps_fp16() {
+        let s = census(&[("MatMul", 4), ("Conv", 2)]);
+        let (pre, plans) = plan(&s, 100_000, &goal("fastest"), Provider::Cuda, &CpuFeatures::default());
+        let ruled: Vec<&str> = pre.ruled_out.iter().map(|r| r.candidate.as_str()).collect();
+        assert!(
+            ruled.contains(&"int8 static") && ruled.contains(&"int8 dynamic"),
+            "{ruled:?}"
+        );
+        assert!(plans.iter().any(|p| p.label == "float16"));
+        assert_eq!(pre.execution_provider, "cuda");
     }
 
     #[test]

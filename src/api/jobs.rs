@@ -526,6 +526,7 @@ async fn serve_artifact(
     let content_type = match artifact.content_type.as_str() {
         "application/json" => "application/json",
         "text/html; charset=utf-8" => "text/html; charset=utf-8",
+        "application/zstd" => "application/zstd",
         _ => "application/octet-stream",
     };
     download::serve(

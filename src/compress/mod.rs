@@ -1,11 +1,17 @@
 //! Compression passes: each pass is a named value behind one trait, and a recipe is a list of them,
 //! parsed from the JSON a user sends. Passes read one ONNX file and write another.
 
+pub mod cluster_weights;
 pub mod fp16;
+pub mod low_rank;
 pub mod optimize;
+pub mod prune_structured;
+pub mod prune_unstructured;
 pub mod quantize_dynamic;
 pub mod quantize_int4;
 pub mod quantize_static;
+pub mod reconstruct;
+pub mod weight_targets;
 pub mod weights;
 
 use std::path::Path;
@@ -24,6 +30,12 @@ pub enum PassSpec {
     QuantizeInt4WeightOnly(quantize_int4::Int4Params),
     Fp16(fp16::Fp16Params),
     QuantizeInt8Static(quantize_static::StaticParams),
+    // Passes that remove parameters (issue 7).
+    PruneUnstructured(prune_unstructured::PruneParams),
+    LowRank(low_rank::LowRankParams),
+    ClusterWeights(cluster_weights::ClusterParams),
+    PruneStructured(prune_structured::PruneStructuredParams),
+    Reconstruct(reconstruct::ReconstructParams),
 }
 
 /// A validated list of passes, applied in order.
@@ -42,6 +54,11 @@ pub const KNOWN_PASSES: &[&str] = &[
     "quantize_int8_static",
     "quantize_int4_weight_only",
     "fp16",
+    "prune_unstructured",
+    "low_rank",
+    "cluster_weights",
+    "prune_structured",
+    "reconstruct",
 ];
 
 impl Recipe {
@@ -115,6 +132,11 @@ impl PassSpec {
             PassSpec::QuantizeInt4WeightOnly(p) => p.validate(),
             PassSpec::Fp16(_) => Ok(()),
             PassSpec::QuantizeInt8Static(p) => p.validate(),
+            PassSpec::PruneUnstructured(p) => p.validate(),
+            PassSpec::LowRank(p) => p.validate(),
+            PassSpec::ClusterWeights(p) => p.validate(),
+            PassSpec::PruneStructured(p) => p.validate(),
+            PassSpec::Reconstruct(p) => p.validate(),
         }
     }
 
@@ -125,6 +147,11 @@ impl PassSpec {
             PassSpec::QuantizeInt4WeightOnly(p) => Box::new(quantize_int4::QuantizeInt4(p.clone())),
             PassSpec::Fp16(p) => Box::new(fp16::Fp16(p.clone())),
             PassSpec::QuantizeInt8Static(p) => Box::new(quantize_static::QuantizeStatic(p.clone())),
+            PassSpec::PruneUnstructured(p) => Box::new(prune_unstructured::PruneUnstructured(p.clone())),
+            PassSpec::LowRank(p) => Box::new(low_rank::LowRank(p.clone())),
+            PassSpec::ClusterWeights(p) => Box::new(cluster_weights::ClusterWeights(p.clone())),
+            PassSpec::PruneStructured(p) => Box::new(prune_structured::PruneStructured(p.clone())),
+            PassSpec::Reconstruct(p) => Box::new(reconstruct::Reconstruct(p.clone())),
         }
     }
 }
@@ -132,6 +159,8 @@ impl PassSpec {
 /// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling) and scratch space.
 pub struct PassContext<'a> {
     pub runtime: &'a Runtime,
+    /// The job's original model (self-contained): the teacher passes such as `reconstruct` fit to.
+    pub original: &'a Path,
     pub work_dir: &'a Path,
     /// Samples for passes that calibrate; `None` when the recipe has none.
     pub calibration: Option<&'a crate::eval::calibration::CalibrationSet>,
@@ -144,6 +173,39 @@ pub struct PassContext<'a> {
 pub struct PassOutput {
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
+    /// One row per weight the pass changed, for the report's per-layer table.
+    pub layers: Vec<LayerRecord>,
+}
+
+/// What a pass did to one weight tensor. Every pass fills the common columns; the optional ones
+/// belong to the pass that knows them (sparsity for pruning, rank for low-rank, clusters for
+/// clustering), so one table shape serves them all.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The nodes that read the weight (more than one when it is shared, and then changed once).
+    pub nodes: Vec<String>,
+    pub weight: String,
+    pub shape: Vec<i64>,
+    /// Values stored before and after (after: both factors for low-rank; indices for clustering).
+    pub parameters_before: u64,
+    pub parameters_after: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity_before: Option<f64>,
+    /// Share of the weight's values that are exactly zero after the pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u64>,
+    /// Share of the squared singular values the kept rank retains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_energy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<u64>,
+    /// Largest |original - stored| over the weight's values (clustering, low-rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_abs_error: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +217,12 @@ pub trait Pass {
     /// Whether the pass needs calibration data (the job then sets aside a calibration split that
     /// is never evaluated on).
     fn calibrates(&self) -> bool {
+        false
+    }
+    /// Whether the pass leaves weights that a general-purpose compressor shrinks far more than
+    /// the dense file shows (zeros, a few distinct values): the job then also ships
+    /// `model.onnx.zst`.
+    fn ships_zstd_copy(&self) -> bool {
         false
     }
     fn run(&self, input: &Path, output: &Path, ctx: &PassContext<'_>) -> Result<PassOutput, PassError>;

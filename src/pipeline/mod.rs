@@ -21,6 +21,9 @@ use crate::report::{self, Environment, Measurement, PassRecord, Report};
 pub const MODEL_ARTIFACT: &str = "model.onnx";
 pub const REPORT_ARTIFACT: &str = "report.json";
 pub const REPORT_HTML_ARTIFACT: &str = "report.html";
+/// zstd of `model.onnx`, written when a pass leaves weights that compress far better than the
+/// dense file shows (pruning's zeros, clustering's few distinct values).
+pub const ZSTD_ARTIFACT: &str = "model.onnx.zst";
 
 /// A failed attempt, with the stable code the API shows in `error.code`.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +88,10 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     let prepared = Prepared::new(&input, calibrating, &mut *progress)?;
     let result_path = input.out_dir.join(MODEL_ARTIFACT);
     let applied = prepared.apply(input.recipe, &result_path, &mut *progress, (10.0, 50.0))?;
-    let report = prepared.measure(&result_path, applied, &mut *progress)?;
+    let mut report = prepared.measure(&result_path, applied, &mut *progress)?;
+    if input.recipe.0.iter().any(|p| p.build().ships_zstd_copy()) {
+        report.result.compressed_size_bytes = write_zstd(&result_path, &input.out_dir.join(ZSTD_ARTIFACT))?;
+    }
     write_report(input.out_dir, &report)?;
     progress("done", 100.0);
     Ok(report)
@@ -241,6 +247,7 @@ impl<'a> Prepared<'a> {
             let next = self.work.path().join(format!("step-{n}.onnx"));
             let ctx = PassContext {
                 runtime: self.input.runtime,
+                original: &self.current,
                 work_dir: self.work.path(),
                 calibration: self.calibration.as_ref(),
                 threads: self.input.eval.threads,
@@ -254,6 +261,7 @@ impl<'a> Prepared<'a> {
                 pass: pass.name().into(),
                 duration_ms: start.elapsed().as_secs_f64() * 1e3,
                 notes: out.notes,
+                layers: out.layers,
             });
             warnings.extend(out.warnings);
             current = next;
@@ -409,6 +417,19 @@ impl<'a> Prepared<'a> {
     }
 }
 
+/// Writes `from` compressed with zstd at the level `zstd_size` measures with, and returns the
+/// size of what it wrote (the report's `compressed_size_bytes` for the result is then this file).
+fn write_zstd(from: &Path, to: &Path) -> Result<u64, PipelineError> {
+    let mut input = std::fs::File::open(from).map_err(io("reading model.onnx for zstd"))?;
+    let file = std::fs::File::create(to).map_err(io("writing model.onnx.zst"))?;
+    let mut encoder = zstd::Encoder::new(file, ZSTD_LEVEL).map_err(io("starting zstd"))?;
+    std::io::copy(&mut input, &mut encoder).map_err(io("writing model.onnx.zst"))?;
+    encoder.finish().map_err(io("finishing model.onnx.zst"))?;
+    size(to)
+}
+
+const ZSTD_LEVEL: i32 = 3;
+
 /// Bytes the files take compressed with zstd level 3, streamed (never read whole).
 fn zstd_size(files: &[PathBuf]) -> Result<u64, PipelineError> {
     struct Count(u64);
@@ -421,7 +442,7 @@ fn zstd_size(files: &[PathBuf]) -> Result<u64, PipelineError> {
             Ok(())
         }
     }
-    let mut encoder = zstd::Encoder::new(Count(0), 3).map_err(io("starting zstd"))?;
+    let mut encoder = zstd::Encoder::new(Count(0), ZSTD_LEVEL).map_err(io("starting zstd"))?;
     for f in files {
         let mut file = std::fs::File::open(f).map_err(io("reading a model for zstd"))?;
         std::io::copy(&mut file, &mut encoder).map_err(io("compressing a model"))?;

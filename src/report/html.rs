@@ -690,6 +690,72 @@ fn passes(out: &mut String, report: &Report) {
         out.push_str("</td></tr>\n");
     }
     out.push_str("</table>\n");
+    for p in report.passes.iter().filter(|p| !p.layers.is_empty()) {
+        layers(out, p);
+    }
+}
+
+/// The per-weight table of a pass that keeps one; columns a pass does not fill are left out.
+fn layers(out: &mut String, p: &crate::report::PassRecord) {
+    let has = |f: fn(&crate::compress::LayerRecord) -> bool| p.layers.iter().any(f);
+    let (sparse, rank, clusters, err) = (
+        has(|l| l.sparsity.is_some()),
+        has(|l| l.rank.is_some()),
+        has(|l| l.clusters.is_some()),
+        has(|l| l.max_abs_error.is_some()),
+    );
+    w!(
+        out,
+        "<h3><code>{}</code>: per weight</h3>\n<table class=\"layers\">\n<tr><th class=\"text\">weight</th>\
+         <th class=\"text\">nodes</th><th>shape</th><th>parameters</th><th>bytes</th>",
+        escape(&p.pass)
+    );
+    for (on, head) in [
+        (sparse, "sparsity"),
+        (rank, "rank (energy)"),
+        (clusters, "clusters"),
+        (err, "max abs error"),
+    ] {
+        if on {
+            w!(out, "<th>{head}</th>");
+        }
+    }
+    out.push_str("</tr>\n");
+    for l in &p.layers {
+        let dims: Vec<String> = l.shape.iter().map(|d| d.to_string()).collect();
+        w!(
+            out,
+            "<tr><td class=\"text\"><code>{}</code></td><td class=\"text\">{}</td><td>{}</td><td>{} → {}</td>\
+             <td>{} → {}</td>",
+            escape(&l.weight),
+            escape(&l.nodes.join(", ")),
+            dims.join("×"),
+            l.parameters_before,
+            l.parameters_after,
+            l.bytes_before,
+            l.bytes_after
+        );
+        let pct = |v: Option<f64>| v.map_or(String::new(), |v| format!("{:.1}%", v * 100.0));
+        if sparse {
+            w!(out, "<td>{} → {}</td>", pct(l.sparsity_before), pct(l.sparsity));
+        }
+        if rank {
+            w!(
+                out,
+                "<td>{} ({})</td>",
+                l.rank.map_or(String::new(), |r| r.to_string()),
+                pct(l.retained_energy)
+            );
+        }
+        if clusters {
+            w!(out, "<td>{}</td>", l.clusters.map_or(String::new(), |c| c.to_string()));
+        }
+        if err {
+            w!(out, "<td>{}</td>", l.max_abs_error.map_or(String::new(), sci));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</table>\n");
 }
 
 fn before_after_row(out: &mut String, name: &str, a: Option<f64>, b: Option<f64>, lower: bool) {

@@ -13,7 +13,8 @@ use crate::eval::inputs::EvaluatedInput;
 use crate::eval::latency::Latency;
 use crate::eval::metrics::{Classification, Regression};
 
-/// 2 added `advisor` (goal jobs) and `latency.p95_ms`.
+/// 2 added `advisor` (goal jobs), `latency.p95_ms` and the per-weight `passes[].layers` of the
+/// parameter-removing passes (all optional).
 pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,4 +121,8 @@ pub struct PassRecord {
     pub pass: String,
     pub duration_ms: f64,
     pub notes: Vec<String>,
+    /// What the pass did to each weight it changed (pruning, low-rank, clustering); absent for
+    /// passes that keep no per-layer table. Added in schema 2, optional.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<crate::compress::LayerRecord>,
 }

@@ -17,7 +17,7 @@ use super::WorkerContext;
 use super::events::Event;
 use crate::db;
 use crate::eval::dataset::EvaluationOptions;
-use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT, REPORT_HTML_ARTIFACT};
+use crate::pipeline::{MODEL_ARTIFACT, REPORT_ARTIFACT, REPORT_HTML_ARTIFACT, ZSTD_ARTIFACT};
 use crate::queue::{self, JobError, JobRow, Lease, NewArtifact};
 use crate::storage;
 
@@ -438,11 +438,16 @@ async fn store_artifacts(ctx: &WorkerContext, job: &JobRow, out_dir: &Path) -> O
         (MODEL_ARTIFACT, "application/octet-stream"),
         (REPORT_ARTIFACT, "application/json"),
         (REPORT_HTML_ARTIFACT, "text/html; charset=utf-8"),
+        (ZSTD_ARTIFACT, "application/zstd"),
     ] {
         if name == MODEL_ARTIFACT && optional_model {
             continue;
         }
         let path: PathBuf = out_dir.join(name);
+        // The zstd copy is written only by recipes whose passes ship one.
+        if name == ZSTD_ARTIFACT && !path.exists() {
+            continue;
+        }
         let (size, sha256) = match storage::hash_file(&path).await {
             Ok(h) => h,
             Err(e) => {

@@ -1,6 +1,7 @@
 // Browser test of the dashboard (headless Chromium via playwright-core): upload the digits model
 // and dataset, submit a classification job, watch it reach `succeeded` live, and find the
-// accuracy in its headline. Run with `make e2e` (not part of `make test`: it installs Chromium).
+// accuracy in its headline; then let the advisor choose from a goal preset and find its decision in
+// the report. Run with `make e2e` (CI runs it after `make test`: it installs Chromium).
 // Usage: node dashboard.mjs BASE_URL REPO_ROOT SCREENSHOT_DIR
 import { chromium } from 'playwright-core';
 import path from 'node:path';
@@ -37,6 +38,22 @@ try {
   await headline.filter({ hasText: /accuracy/i }).waitFor({ timeout: 20000 });
   console.log('headline:', (await headline.textContent()).replace(/\s+/g, ' ').trim());
   await page.screenshot({ path: path.join(shots, 'dashboard.png'), fullPage: true });
+
+  // A goal for the advisor from its preset: the row says so, and its report has a decision.
+  const advisor = presets.find((p) => /Advisor: smallest/.test(p));
+  await page.getByTestId('recipe-preset').selectOption({ label: advisor });
+  await page.getByTestId('submit-job').click();
+  const goalRow = page.locator('[data-testid="job-row"]').filter({ hasText: 'advisor: smallest' }).first();
+  await goalRow.waitFor({ timeout: 20000 });
+  const goalDone = page.locator('[data-testid="job-row"][data-state="succeeded"]').filter({ hasText: 'advisor: smallest' }).first();
+  await goalDone.waitFor({ timeout: 240000 });
+  await goalDone.getByTestId('job-headline').filter({ hasText: /accuracy/i }).waitFor({ timeout: 20000 });
+  const reportUrl = await goalDone.locator('a', { hasText: /report/i }).first().getAttribute('href');
+  const report = await page.request.get(new URL(reportUrl.replace(/\.html$/, ''), base).toString());
+  const body = await report.json();
+  if (!body.advisor || !body.advisor.decision) throw new Error('the goal job has no decision: ' + JSON.stringify(body.advisor));
+  console.log('advisor:', body.advisor.decision.reason);
+  await page.screenshot({ path: path.join(shots, 'dashboard-advisor.png'), fullPage: true });
 } catch (e) {
   await fail(String(e));
 }

@@ -5,10 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
-command -v chromium >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+if ! command -v chromium >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+fi
 (cd tests/e2e && npm install --silent --no-audit --no-fund >/dev/null)
 scripts/ensure-python.sh
-cargo build --release --bin modelpress >&2
+# The debug build `make test` already made: the browser test checks behaviour, not speed.
+cargo build --bin modelpress >&2
 admin="$(scripts/ensure-postgres.sh)"
 db="modelpress_e2e_$$"
 psql "$admin" -qc "CREATE DATABASE $db" >/dev/null
@@ -18,7 +22,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 cleanup() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null; rm -rf "$data"; }
 trap cleanup EXIT
 DATABASE_URL="$url" ORT_DYLIB_PATH="$(scripts/ort-dylib.sh)" RUST_LOG=warn \
-  ./target/release/modelpress serve --listen "127.0.0.1:$port" --data-dir "$data" &
+  ./target/debug/modelpress serve --listen "127.0.0.1:$port" --data-dir "$data" &
 server=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 mkdir -p target/e2e
