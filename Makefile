@@ -53,12 +53,13 @@ clean-data:
 	rm -rf data
 
 # A subset of the benchmarks in a few minutes, printed (BENCHMARKS.md is left alone): the queue
-# benchmark, the service benchmark with 5 s load runs and 100 MB uploads, and the pruning /
-# low-rank / clustering passes at one strength each.
+# benchmark, the service benchmark with 5 s load runs and 100 MB uploads, the pruning /
+# low-rank / clustering passes at one strength each, and the inference benchmark with 3 s cells.
 .PHONY: bench-quick
 bench-quick: setup
 	@export DATABASE_URL="$$(scripts/ensure-postgres.sh)" ORT_DYLIB_PATH="$$(scripts/ort-dylib.sh)" && \
 	  $(CARGO) build --release --bin modelpress --examples >&2 && \
 	  ./target/release/examples/queue_bench && \
 	  SERVICE_BENCH_QUICK=1 bench/service_bench.sh && \
-	  MODELPRESS_BIN=target/release/modelpress PASSES_BENCH_QUICK=1 .venv/bin/python bench/passes_bench.py
+	  MODELPRESS_BIN=target/release/modelpress PASSES_BENCH_QUICK=1 .venv/bin/python bench/passes_bench.py && \
+	  INFER_BENCH_QUICK=1 bench/infer_bench.sh

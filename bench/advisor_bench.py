@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("MODELPRESS_BIN", ROOT / "target" / "release" / "modelpress"))
 MODELS_DIR = Path(os.environ.get("MODELPRESS_MODELS_DIR", ROOT / ".cache" / "models"))
 SAMPLES = 40
-BUDGET_S = 90
+BUDGET_S = 45
 TOKEN_IDS = (0, 256)
 RAPID = "rapidocr/rapidocr_onnxruntime/models/"
 # name, path, input shape (None: the digits dataset), int64 token range or None
@@ -33,7 +33,6 @@ MODELS = [
     ("PP-OCR mobile v2.0 cls", RAPID + "ch_ppocr_mobile_v2.0_cls_infer.onnx", [3, 48, 192], None),
     ("transformer encoder", "tests/fixtures/transformer/encoder.onnx", [16], TOKEN_IDS),
     ("PP-OCRv4 rec", RAPID + "ch_PP-OCRv4_rec_infer.onnx", [3, 48, 320], None),
-    ("PP-OCRv4 det", RAPID + "ch_PP-OCRv4_det_infer.onnx", [3, 320, 320], None),
     ("NudeNet 320n (YOLOv8n)", "nudenet/nudenet/320n.onnx", [3, 320, 320], None),
 ]
 SINGLES = [

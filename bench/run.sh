@@ -27,6 +27,7 @@ out=BENCHMARKS.md.tmp
   .venv/bin/python bench/physical_reference.py
   .venv/bin/python bench/advisor_bench.py
   bench/service_bench.sh
+  bench/infer_bench.sh
 } > "$out"
 mv "$out" BENCHMARKS.md
 echo "wrote BENCHMARKS.md" >&2

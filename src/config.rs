@@ -19,6 +19,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub eval: EvalConfig,
     pub retention: RetentionConfig,
+    pub inference: InferenceConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +117,17 @@ pub struct EvalConfig {
     pub execution_provider: String,
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct InferenceConfig {
+    pub processes: usize,
+    pub threads_per_process: usize,
+    pub intra_op_threads: usize,
+    pub memory_budget_bytes: u64,
+    pub timeout_ms: u64,
+    pub load_timeout_ms: u64,
+    pub max_body_bytes: usize,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
@@ -206,6 +218,17 @@ impl Config {
         if self.eval.dim_overrides.values().any(|&v| v < 1) {
             return Err(ConfigError("eval.dim_overrides values must be >= 1".into()));
         }
+        let i = &self.inference;
+        if i.processes == 0 || i.threads_per_process == 0 || i.intra_op_threads == 0 {
+            return Err(ConfigError(
+                "inference.processes, inference.threads_per_process and inference.intra_op_threads must be >= 1".into(),
+            ));
+        }
+        if i.timeout_ms == 0 || i.load_timeout_ms == 0 || i.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "inference.timeout_ms, inference.load_timeout_ms and inference.max_body_bytes must be >= 1".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -237,6 +260,11 @@ impl Config {
 
     pub fn scratch_dir(&self) -> PathBuf {
         self.server.data_dir.join("work")
+    }
+
+    /// Models fetched from storage for the inference workers, one folder per model.
+    pub fn inference_cache_dir(&self) -> PathBuf {
+        self.server.data_dir.join("inference")
     }
 }
 

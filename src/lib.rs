@@ -10,6 +10,7 @@ pub mod compress;
 pub mod config;
 pub mod db;
 pub mod eval;
+pub mod infer;
 pub mod onnx;
 pub mod pipeline;
 pub mod queue;

@@ -92,6 +92,13 @@ enum Command {
         #[arg(long, hide = true)]
         evaluation: Option<String>,
     },
+    /// Hold inference sessions for the API: length-prefixed requests on stdin, replies on stdout.
+    /// The API starts these itself (`[inference]` in the configuration).
+    InferWorker {
+        /// Requests run at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +159,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::InferWorker { threads } => {
+            let runtime = match Runtime::init(&config.onnxruntime.dylib_path) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("modelpress infer-worker: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let Err(e) = modelpress::infer::worker::serve(runtime, threads);
+            eprintln!("modelpress infer-worker: {e}");
+            ExitCode::FAILURE
+        }
         command => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             match runtime.block_on(run_async(config, command)) {
@@ -198,7 +217,7 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             return Ok(());
         }
-        Command::Compress { .. } => unreachable!("handled without a runtime"),
+        Command::Compress { .. } | Command::InferWorker { .. } => unreachable!("handled without a runtime"),
     };
     let pool = db::connect(&config.database.url, config.database.max_connections)
         .await

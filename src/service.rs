@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::eval::Runtime;
+use crate::infer::{InferencePool, PoolSettings};
 use crate::retention;
 use crate::storage::{LocalStorage, S3Storage, Storage};
 use crate::worker::{self, WorkerContext};
@@ -33,6 +34,22 @@ pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
     let root = config.storage_root();
     let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
     Ok(Arc::new(local))
+}
+
+/// The inference workers run the same program as job attempts (`worker.runner`, else this binary)
+/// under the same memory limit.
+fn inference_pool(config: &Config) -> anyhow::Result<InferencePool> {
+    let runner = if config.worker.runner.is_empty() {
+        std::env::current_exe().context("locating this binary for the inference workers")?
+    } else {
+        config.worker.runner.clone().into()
+    };
+    Ok(InferencePool::new(PoolSettings {
+        runner,
+        dylib: crate::eval::runtime::locate(&config.onnxruntime.dylib_path),
+        memory_limit_mb: config.worker.job_memory_limit_mb,
+        inference: config.inference.clone(),
+    }))
 }
 
 pub async fn run(
@@ -68,6 +85,7 @@ pub async fn run(
             runtime: Arc::new(runtime),
             events,
             http_metrics: Default::default(),
+            inference: Arc::new(inference_pool(&config)?),
         };
         let app = api::app(state);
         tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");

@@ -69,6 +69,12 @@ fn every_error_code_the_api_emits_is_documented() {
         "cuda_unavailable",
         "dataset_missing",
         "non_finite_output",
+        "job_not_succeeded",
+        "invalid_input",
+        "not_acceptable",
+        "unsupported_output",
+        "inference_timeout",
+        "inference_unavailable",
     ] {
         assert!(text.contains(code), "openapi.yaml does not mention error code {code}");
     }

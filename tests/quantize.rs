@@ -643,3 +643,68 @@ fn fp16_after_quantization_halves_what_quantization_left_in_float() {
         );
     }
 }
+
+#[test]
+fn static_int8_quantizes_attention_matmuls_between_two_activations() {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/transformer/encoder.onnx"
+    ))
+    .unwrap();
+    let model = modelpress::onnx::decode(&bytes).unwrap();
+    // The original's MatMuls with no stored weight (attention), by name.
+    let g = model.graph.as_ref().unwrap();
+    let constant = |name: &str| {
+        g.initializer.iter().any(|t| t.name() == name)
+            || g.node
+                .iter()
+                .any(|n| n.op_type() == "Constant" && n.output.iter().any(|o| o == name))
+    };
+    let attention: Vec<String> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "MatMul" && n.input.iter().all(|i| !constant(i)))
+        .map(|n| n.name().to_string())
+        .collect();
+    assert!(
+        attention.len() >= 4,
+        "the encoder has attention MatMuls ({attention:?})"
+    );
+    // How many of them read both inputs from DequantizeLinear in `path`.
+    let count = |path: &Path| {
+        let m = modelpress::onnx::load(path).unwrap();
+        let g = m.graph.unwrap();
+        let producer = |name: &str| {
+            g.node
+                .iter()
+                .find(|n| n.output.iter().any(|o| o == name))
+                .map(|n| n.op_type().to_string())
+        };
+        g.node
+            .iter()
+            .filter(|n| attention.contains(&n.name().to_string()))
+            .filter(|n| {
+                n.input
+                    .iter()
+                    .all(|i| producer(i).as_deref() == Some("DequantizeLinear"))
+            })
+            .count()
+    };
+    let recipe = |on: bool| json!([{"pass": "quantize_int8_static", "per_channel": true, "activation_matmuls": on}]);
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(&model, recipe(true), dir.path()).unwrap();
+    let out = dir.path().join("out/model.onnx");
+    onnx_checker(&out);
+    assert_eq!(count(&out), attention.len());
+    assert!(
+        report.passes[0]
+            .notes
+            .iter()
+            .any(|n| n.contains("between two activations"))
+    );
+    assert!(report.result.fidelity.cosine_similarity > 0.999);
+
+    let dir = tempfile::tempdir().unwrap();
+    run(&model, recipe(false), dir.path()).unwrap();
+    assert_eq!(count(&dir.path().join("out/model.onnx")), 0);
+}

@@ -264,7 +264,7 @@ fn reason(goal: &Goal, c: &CandidateRecord, original_size: u64, feasible: usize,
     }
     let why = match goal.objective {
         Objective::Smallest => "the smallest",
-        Objective::Fastest => "the fastest",
+        Objective::Fastest => "the fastest (the smallest of those within 3% of the best p50)",
         Objective::MostAccurate => "the most accurate",
     };
     format!(

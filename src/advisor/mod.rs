@@ -316,7 +316,20 @@ fn try_candidate(
         duration_ms: 0.0,
         sensitivity: None,
     };
+    // A recipe whose passes all found nothing to do is not a candidate: it would only add a
+    // duplicate of the original to the comparison.
+    let unchanged = result.is_ok()
+        && matches!(
+            (std::fs::read(&model), std::fs::read(prepared.original_path())),
+            (Ok(a), Ok(b)) if a == b
+        );
     let report = match result {
+        Ok(_) if unchanged => {
+            record
+                .reasons
+                .push("the recipe left the model unchanged (its passes found nothing to compress)".into());
+            None
+        }
         Ok(report) => {
             record.size_bytes = Some(report.result.size_bytes);
             record.latency = Some(report.result.latency.clone());

@@ -181,6 +181,19 @@ pub fn plan(
             recipe: recipe(Value::Array(steps)),
         }
     };
+    // Low-rank factors of the MatMul/Gemm weights, re-fitted by reconstruct, then `then`.
+    let low_rank = |energy: f64, then: Option<Value>, what: &str| {
+        let mut steps = vec![
+            json!({"pass": "low_rank", "energy": energy}),
+            json!({"pass": "reconstruct"}),
+        ];
+        steps.extend(then);
+        Plan {
+            label: format!("low-rank ({:.0}% energy) + reconstruct{what}", energy * 100.0),
+            recipe: recipe(Value::Array(steps)),
+        }
+    };
+    let dynamic_step = json!({"pass": "quantize_int8_dynamic", "per_channel": true});
     let int4_step = json!({"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level});
     let static_step = json!({"pass": "quantize_int8_static", "per_channel": true, "calibration": "minmax"});
     let fp16 = Plan {
@@ -290,6 +303,7 @@ pub fn plan(
                 prunable && int4_ok,
                 &pruned(0.5, Some(int4_step.clone()), " + int4 weight-only"),
             );
+            add(int4_ok, &low_rank(0.9, Some(int4_step.clone()), " + int4 weight-only"));
             add(int4_ok, &int4(128));
             add(static_ok, &static_minmax);
             add(dynamic_ok, &dynamic);
@@ -306,6 +320,11 @@ pub fn plan(
             add(
                 prunable && static_ok,
                 &pruned(0.3, Some(static_step.clone()), " + int8 static"),
+            );
+            add(matmul + gemm > 0, &low_rank(0.9, None, ""));
+            add(
+                dynamic_ok,
+                &low_rank(0.9, Some(dynamic_step.clone()), " + int8 dynamic"),
             );
             add(int4_ok, &int4(32));
             add(static_ok, &static_percentile);

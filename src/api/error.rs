@@ -40,6 +40,12 @@ pub enum ApiError {
     RangeNotSatisfiable { len: u64 },
     #[error("{0}")]
     NotReady(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+    #[error("{message}")]
+    Timeout { code: &'static str, message: String },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -64,6 +70,9 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable"),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            ApiError::Timeout { code, .. } => (StatusCode::GATEWAY_TIMEOUT, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -187,5 +187,49 @@ pub async fn metrics(State(state): State<AppState>) -> ApiResult<Response> {
     let _ = writeln!(w, "modelpress_storage_bytes{{kind=\"models\"}} {models}");
     let _ = writeln!(w, "modelpress_storage_bytes{{kind=\"datasets\"}} {datasets}");
     let _ = writeln!(w, "modelpress_storage_bytes{{kind=\"artifacts\"}} {artifacts}");
+    inference(w, &state.inference);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The inference sessions this API process holds in its worker processes.
+fn inference(w: &mut String, pool: &crate::infer::InferencePool) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (sessions, bytes) = pool.loaded();
+    let stats = &pool.stats;
+    for (name, kind, help, value) in [
+        (
+            "modelpress_inference_sessions",
+            "gauge",
+            "Inference sessions loaded.",
+            sessions as u64,
+        ),
+        (
+            "modelpress_inference_session_bytes",
+            "gauge",
+            "Memory the loaded inference sessions took to load.",
+            bytes,
+        ),
+        (
+            "modelpress_inference_evictions_total",
+            "counter",
+            "Inference sessions unloaded to stay within the memory budget.",
+            stats.evictions.load(Relaxed),
+        ),
+        (
+            "modelpress_inference_timeouts_total",
+            "counter",
+            "Inference requests cut off at the time limit.",
+            stats.timeouts.load(Relaxed),
+        ),
+        (
+            "modelpress_inference_worker_restarts_total",
+            "counter",
+            "Inference worker processes replaced after dying or being killed.",
+            stats.restarts.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(w, "# HELP {name} {help}");
+        let _ = writeln!(w, "# TYPE {name} {kind}");
+        let _ = writeln!(w, "{name} {value}");
+    }
 }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 mod health;
+mod infer;
 mod jobs;
 pub mod metrics;
 mod models;
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Ids of jobs that just changed (fed by the LISTEN relay in `events`).
     pub events: tokio::sync::broadcast::Sender<uuid::Uuid>,
     pub http_metrics: Arc<metrics::HttpMetrics>,
+    /// The inference worker processes behind `POST /v1/jobs/{id}/infer`.
+    pub inference: Arc<crate::infer::InferencePool>,
 }
 
 /// Builds the router while recording every (method, path) it serves, so the OpenAPI document can be
@@ -98,6 +101,11 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
         .add(M::GET, "/v1/jobs/{id}/report.html", routing::get(jobs::report_html))
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
+        .add(
+            M::POST,
+            "/v1/jobs/{id}/infer",
+            routing::post(infer::infer).layer(DefaultBodyLimit::disable()),
+        )
 }
 
 /// Every (method, path) the API serves, in OpenAPI path syntax (a `{*rest}` wildcard is written

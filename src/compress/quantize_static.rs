@@ -60,6 +60,10 @@ pub struct StaticParams {
     /// Most calibration samples used.
     #[serde(default = "default_samples")]
     pub max_samples: usize,
+    /// Also quantize MatMuls whose two inputs are activations (attention scores and context), as
+    /// ONNX Runtime's `quantize_static` does.
+    #[serde(default = "default_true")]
+    pub activation_matmuls: bool,
 }
 
 fn default_true() -> bool {
@@ -169,6 +173,7 @@ impl Pass for QuantizeStatic {
         let index = GraphIndex::new(graph);
         let mut skipped: HashMap<String, usize> = HashMap::new();
         let mut targets = Vec::new();
+        let mut activation_matmuls: Vec<usize> = Vec::new();
         for (i, node) in graph.node.iter().enumerate() {
             if !matches!(node.domain(), "" | "ai.onnx")
                 || !p.op_types.iter().any(|o| o == node.op_type())
@@ -182,20 +187,37 @@ impl Pass for QuantizeStatic {
             }
             match target(node, i, &index, graph) {
                 Ok(t) => targets.push(t),
+                // Attention's Q·Kᵀ and softmax·V: both inputs are activations, so both get a QDQ
+                // pair and ONNX Runtime runs the product as QLinearMatMul.
+                Err(_)
+                    if p.activation_matmuls
+                        && node.op_type() == "MatMul"
+                        && node.input.len() == 2
+                        && node.input.iter().all(|x| constant(&index, graph, x).is_none()) =>
+                {
+                    activation_matmuls.push(i)
+                }
                 Err(why) => *skipped.entry(why).or_default() += 1,
             }
         }
         let mut activations: Vec<String> = Vec::new();
-        for t in &targets {
-            let node = &graph.node[t.node];
-            for name in [&node.input[0], &node.output[0]] {
-                if !activations.contains(name) {
-                    activations.push(name.clone());
+        let mut quantize_around = |names: &[&String]| {
+            for name in names {
+                if !activations.contains(*name) {
+                    activations.push((*name).clone());
                 }
             }
+        };
+        for t in &targets {
+            let node = &graph.node[t.node];
+            quantize_around(&[&node.input[0], &node.output[0]]);
+        }
+        for &i in &activation_matmuls {
+            let node = &graph.node[i];
+            quantize_around(&[&node.input[0], &node.input[1], &node.output[0]]);
         }
         let mut out = PassOutput::default();
-        if targets.is_empty() {
+        if targets.is_empty() && activation_matmuls.is_empty() {
             out.warnings.push(
                 "quantize_int8_static found no Conv/MatMul/Gemm with a constant float weight; the model is unchanged"
                     .into(),
@@ -382,6 +404,12 @@ impl Pass for QuantizeStatic {
             p.calibration,
             if calibration.is_synthetic() { " of synthetic data" } else { " of the calibration split" },
         ).to_lowercase());
+        if !activation_matmuls.is_empty() {
+            out.notes.push(format!(
+                "{} MatMul(s) between two activations (attention) quantized with QDQ on both inputs",
+                activation_matmuls.len()
+            ));
+        }
         out.notes.extend(skipped);
         out.notes.extend(upgrade_note);
         if calibration.is_synthetic() {

@@ -84,6 +84,43 @@ impl NpyDtype {
         }
     }
 
+    /// The dtype with this numpy name (`float32`), as model signatures name their types.
+    pub fn from_name(name: &str) -> Option<NpyDtype> {
+        const ALL: [NpyDtype; 12] = [
+            NpyDtype::Float32,
+            NpyDtype::Float64,
+            NpyDtype::Float16,
+            NpyDtype::Int64,
+            NpyDtype::Int32,
+            NpyDtype::Int16,
+            NpyDtype::Int8,
+            NpyDtype::Uint8,
+            NpyDtype::Uint16,
+            NpyDtype::Uint32,
+            NpyDtype::Uint64,
+            NpyDtype::Bool,
+        ];
+        ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// numpy's type string for writing `.npy` headers (`<f4`).
+    pub fn descr(self) -> &'static str {
+        match self {
+            NpyDtype::Float32 => "<f4",
+            NpyDtype::Float64 => "<f8",
+            NpyDtype::Float16 => "<f2",
+            NpyDtype::Int64 => "<i8",
+            NpyDtype::Int32 => "<i4",
+            NpyDtype::Int16 => "<i2",
+            NpyDtype::Int8 => "|i1",
+            NpyDtype::Uint8 => "|u1",
+            NpyDtype::Uint16 => "<u2",
+            NpyDtype::Uint32 => "<u4",
+            NpyDtype::Uint64 => "<u8",
+            NpyDtype::Bool => "|b1",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             NpyDtype::Float32 => "float32",
@@ -128,6 +165,15 @@ impl NpyArray {
     /// Bytes of one sample (the array without its leading axis).
     pub fn sample_bytes(&self) -> u64 {
         self.shape.iter().skip(1).product::<u64>() * self.dtype.size()
+    }
+
+    /// The whole array (scalars included) as raw little-endian bytes.
+    pub fn read_all(&self) -> Result<Vec<u8>, NpzError> {
+        let mut file = std::fs::File::open(&self.path)?;
+        file.seek(SeekFrom::Start(self.data_offset))?;
+        let mut buf = vec![0u8; (self.elements() * self.dtype.size()) as usize];
+        file.read_exact(&mut buf)?;
+        Ok(buf)
     }
 
     /// Reads samples `start..start+count` as raw little-endian bytes.
@@ -222,12 +268,7 @@ pub fn unpack(npz: &Path, dest: &Path, max_bytes: u64) -> Result<Vec<NpyArray>, 
         let mut member = zip
             .by_index(i)
             .map_err(|e| invalid(format!("reading member {i}: {e}")))?;
-        let member_name = member.name().to_string();
-        let name = member_name
-            .strip_suffix(".npy")
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'))
-            .ok_or_else(|| invalid(format!("member {member_name:?} is not a plain .npy array")))?
-            .to_string();
+        let name = array_name(member.name())?;
         let path = dest.join(format!("{i}.npy"));
         let mut out = std::fs::File::create_new(&path)?;
         let written = std::io::copy(&mut (&mut member).take(budget.saturating_add(1)), &mut out)?;
@@ -244,21 +285,74 @@ pub fn unpack(npz: &Path, dest: &Path, max_bytes: u64) -> Result<Vec<NpyArray>, 
             path,
             data_offset,
         };
-        let expected = data_offset + array.elements() * dtype.size();
-        if written != expected {
-            return Err(invalid(format!(
-                "array {:?} declares shape {:?} ({} bytes of data) but holds {} bytes",
-                array.name,
-                array.shape,
-                array.elements() * dtype.size(),
-                written.saturating_sub(data_offset)
-            )));
-        }
+        check_size(&array, written.saturating_sub(data_offset))?;
         arrays.push(array);
     }
     arrays.sort_by(|a, b| a.name.cmp(&b.name));
     if arrays.windows(2).any(|w| w[0].name == w[1].name) {
         return Err(invalid("the dataset holds two arrays with the same name"));
+    }
+    Ok(arrays)
+}
+
+/// The array name of a zip member: `name.npy`, with no path separators or odd bytes.
+fn array_name(member_name: &str) -> Result<String, NpzError> {
+    member_name
+        .strip_suffix(".npy")
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'\\'))
+        .map(str::to_string)
+        .ok_or_else(|| invalid(format!("member {member_name:?} is not a plain .npy array")))
+}
+
+/// The data after a header must be exactly what its dtype and shape declare.
+fn check_size(array: &NpyArray, data_bytes: u64) -> Result<(), NpzError> {
+    let declared = array.elements() * array.dtype.size();
+    if data_bytes != declared {
+        return Err(invalid(format!(
+            "array {:?} declares shape {:?} ({declared} bytes of data) but holds {data_bytes} bytes",
+            array.name, array.shape
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a small `.npz` held in memory (a request body), with the same checks as `unpack`:
+/// each array with its data bytes, sorted by name. Nothing touches the disk.
+pub fn read_in_memory(bytes: &[u8], max_bytes: u64) -> Result<Vec<(NpyArray, Vec<u8>)>, NpzError> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| invalid(format!("not a valid .npz (zip) file: {e}")))?;
+    if zip.len() > 1000 {
+        return Err(invalid("the archive has more than 1000 arrays"));
+    }
+    let mut budget = max_bytes;
+    let mut arrays: Vec<(NpyArray, Vec<u8>)> = Vec::new();
+    for i in 0..zip.len() {
+        let mut member = zip
+            .by_index(i)
+            .map_err(|e| invalid(format!("reading member {i}: {e}")))?;
+        let name = array_name(member.name())?;
+        let mut raw = Vec::new();
+        let read = (&mut member).take(budget.saturating_add(1)).read_to_end(&mut raw)? as u64;
+        if read > budget {
+            return Err(NpzError::TooLarge { limit: max_bytes });
+        }
+        budget -= read;
+        let (dtype, shape, data_offset) =
+            parse_header(&mut raw.as_slice()).map_err(|e| invalid(format!("array {name:?}: {e}")))?;
+        let array = NpyArray {
+            name,
+            dtype,
+            shape,
+            path: PathBuf::new(),
+            data_offset: 0,
+        };
+        check_size(&array, read.saturating_sub(data_offset))?;
+        raw.drain(..data_offset as usize);
+        arrays.push((array, raw));
+    }
+    arrays.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    if arrays.windows(2).any(|w| w[0].0.name == w[1].0.name) {
+        return Err(invalid("the archive holds two arrays with the same name"));
     }
     Ok(arrays)
 }
@@ -392,6 +486,30 @@ mod tests {
         )
         .unwrap();
         assert!(sample_count(&mismatched).unwrap_err().to_string().contains("disagree"));
+    }
+
+    #[test]
+    fn in_memory_reading_matches_unpacking_and_applies_the_same_checks() {
+        let x: Vec<u8> = (0..6).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let bytes = npz(&[
+            ("x.npy", npy("<f4", &[2, 3], &x)),
+            ("n.npy", npy("<i8", &[], &7i64.to_le_bytes())),
+        ]);
+        let arrays = read_in_memory(&bytes, 1 << 20).unwrap();
+        assert_eq!(arrays[0].0.name, "n");
+        assert_eq!(
+            (arrays[0].0.shape.clone(), arrays[0].1.clone()),
+            (vec![], 7i64.to_le_bytes().to_vec())
+        );
+        assert_eq!((arrays[1].0.dtype, arrays[1].1.clone()), (NpyDtype::Float32, x));
+        let short = npz(&[("x.npy", npy("<f4", &[2, 3], &[0u8; 20]))]);
+        assert!(
+            read_in_memory(&short, 1 << 20)
+                .unwrap_err()
+                .to_string()
+                .contains("holds 20 bytes")
+        );
+        assert!(matches!(read_in_memory(&bytes, 100), Err(NpzError::TooLarge { .. })));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use ort::value::{DynValue, TensorElementType, ValueType};
 
 use super::RuntimeError;
 use super::inputs::InputTensor;
+use super::npz::NpyDtype;
 
 /// One output of one run, widened to f64 so any numeric dtype can be compared.
 #[derive(Debug, Clone)]
@@ -55,6 +56,48 @@ impl PreparedInputs {
             })
             .collect()
     }
+}
+
+/// An output as it came out of ORT, in its own dtype: little-endian element bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawTensor {
+    pub dtype: NpyDtype,
+    pub shape: Vec<i64>,
+    pub bytes: Vec<u8>,
+}
+
+/// A numeric tensor output without widening; `None` for values that are not numeric tensors.
+pub fn raw_tensor(value: &DynValue) -> Result<Option<RawTensor>, ort::Error> {
+    let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
+        return Ok(None);
+    };
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    macro_rules! bytes_of {
+        ($t:ty, $dtype:expr, $bytes:expr) => {{
+            let (_, data) = value.try_extract_tensor::<$t>()?;
+            ($dtype, data.iter().flat_map($bytes).collect::<Vec<u8>>())
+        }};
+    }
+    let (dtype, bytes) = match ty {
+        TensorElementType::Float32 => bytes_of!(f32, NpyDtype::Float32, |v| v.to_le_bytes()),
+        TensorElementType::Float64 => bytes_of!(f64, NpyDtype::Float64, |v| v.to_le_bytes()),
+        TensorElementType::Float16 => bytes_of!(half::f16, NpyDtype::Float16, |v| v.to_le_bytes()),
+        TensorElementType::Int64 => bytes_of!(i64, NpyDtype::Int64, |v| v.to_le_bytes()),
+        TensorElementType::Int32 => bytes_of!(i32, NpyDtype::Int32, |v| v.to_le_bytes()),
+        TensorElementType::Int16 => bytes_of!(i16, NpyDtype::Int16, |v| v.to_le_bytes()),
+        TensorElementType::Int8 => bytes_of!(i8, NpyDtype::Int8, |v| v.to_le_bytes()),
+        TensorElementType::Uint8 => bytes_of!(u8, NpyDtype::Uint8, |v| [*v]),
+        TensorElementType::Uint16 => bytes_of!(u16, NpyDtype::Uint16, |v| v.to_le_bytes()),
+        TensorElementType::Uint32 => bytes_of!(u32, NpyDtype::Uint32, |v| v.to_le_bytes()),
+        TensorElementType::Uint64 => bytes_of!(u64, NpyDtype::Uint64, |v| v.to_le_bytes()),
+        TensorElementType::Bool => bytes_of!(bool, NpyDtype::Bool, |v| [u8::from(*v)]),
+        _ => return Ok(None),
+    };
+    Ok(Some(RawTensor {
+        dtype,
+        shape: dims,
+        bytes,
+    }))
 }
 
 fn widen(value: &DynValue) -> Result<(Vec<i64>, Option<Vec<f64>>), ort::Error> {

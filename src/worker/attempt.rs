@@ -110,7 +110,7 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
     };
     // The model and its external-data files, laid out as they were uploaded.
     let input = scratch.join("input").join("model.onnx");
-    if let Err(e) = fetch_model(ctx, &model, &input).await {
+    if let Err(e) = fetch_model(ctx.storage.as_ref(), &model, &input).await {
         return failed("storage_error", format!("fetching the model: {e}"), true);
     }
     let out_dir = scratch.join("out");
@@ -195,10 +195,16 @@ async fn execute(ctx: &WorkerContext, job: &JobRow, scratch: &Path, shutdown: &C
     failed("runtime_crashed", crash_message(status, &tail), true)
 }
 
-async fn fetch_model(ctx: &WorkerContext, model: &db::models::ModelRow, input: &Path) -> anyhow::Result<()> {
+/// Copies a model and its external-data files out of storage into `input`'s folder, laid out as
+/// they were uploaded.
+pub async fn fetch_model(
+    storage: &dyn storage::Storage,
+    model: &db::models::ModelRow,
+    input: &Path,
+) -> anyhow::Result<()> {
     let dir = input.parent().expect("input sits in a folder");
     tokio::fs::create_dir_all(dir).await?;
-    ctx.storage.get_file(&model.storage_key, input).await?;
+    storage.get_file(&model.storage_key, input).await?;
     for file in &model.files.0 {
         // Checked at upload; checked again because this path comes from the database.
         crate::onnx::external::check_location(&file.path)
@@ -207,7 +213,7 @@ async fn fetch_model(ctx: &WorkerContext, model: &db::models::ModelRow, input: &
         if let Some(parent) = dest.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
-        ctx.storage.get_file(&file.storage_key, &dest).await?;
+        storage.get_file(&file.storage_key, &dest).await?;
     }
     Ok(())
 }
@@ -238,24 +244,7 @@ fn spawn(
         .stderr(Stdio::piped())
         .env("TMPDIR", out_dir.parent().unwrap_or(out_dir))
         .kill_on_drop(true);
-    let limit_mb = ctx.config.worker.job_memory_limit_mb;
-    if limit_mb > 0 {
-        let bytes = limit_mb.saturating_mul(1 << 20) as libc::rlim_t;
-        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
-        // closure touches no memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: bytes,
-                    rlim_max: bytes,
-                };
-                if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    super::limits::limit_address_space(&mut cmd, ctx.config.worker.job_memory_limit_mb);
     if let Some(dataset) = dataset {
         cmd.arg("--dataset").arg(dataset);
     }

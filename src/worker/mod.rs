@@ -4,6 +4,9 @@
 
 mod attempt;
 pub mod events;
+pub mod limits;
+
+pub use attempt::fetch_model;
 
 use std::path::PathBuf;
 use std::sync::Arc;
