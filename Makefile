@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help setup run test lint check build bench e2e clean-data
+.PHONY: help setup run test lint check build bench e2e clean-data schemathesis fuzz
 
 help:
 	@echo "make run    - build and serve on 127.0.0.1:8080 (API + workers)"
@@ -48,6 +48,18 @@ e2e: setup
 .PHONY: check-docker
 check-docker:
 	scripts/check-docker.sh
+
+# Schemathesis (PyPI) against openapi.yaml and a running server with an API key: no 5xx, every
+# response conforms to the spec. Not part of `make test` (it takes minutes).
+schemathesis: setup
+	scripts/schemathesis.sh
+
+# Each cargo-fuzz target for FUZZ_SECONDS (default 600); needs the nightly toolchain and
+# `cargo install cargo-fuzz`. Findings land in fuzz/artifacts/<target>/.
+FUZZ_SECONDS ?= 600
+fuzz:
+	cd fuzz && for t in onnx_decode npz_unpack recipe_json; do \
+	  cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; done
 
 clean-data:
 	rm -rf data

@@ -123,6 +123,7 @@ async fn run(opts: PgConnectOptions) -> anyhow::Result<String> {
             timeout_s: 60,
             dataset_id: None,
             evaluation: &serde_json::json!({}),
+            webhook_url: None,
             idempotency: None,
         };
         queue::enqueue(&pool, new).await?;
@@ -212,6 +213,7 @@ async fn rescue_section(pool: &PgPool, opts: &PgConnectOptions, bin: &Path) -> a
             timeout_s: 60,
             dataset_id: None,
             evaluation: &serde_json::json!({}),
+            webhook_url: None,
             idempotency: None,
         };
         let Enqueued::Created(job) = queue::enqueue(pool, new).await? else {

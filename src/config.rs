@@ -12,6 +12,7 @@ const DEFAULTS: &str = include_str!("../config/default.toml");
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
     pub server: ServerConfig,
+    pub auth: AuthConfig,
     pub database: DatabaseConfig,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
@@ -19,7 +20,30 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub eval: EvalConfig,
     pub retention: RetentionConfig,
+    pub webhooks: WebhooksConfig,
     pub inference: InferenceConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Single-tenant local mode: no keys, everything belongs to the default tenant.
+    None,
+    ApiKey,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WebhooksConfig {
+    pub allow_private_targets: bool,
+    pub max_attempts: i32,
+    pub retry_base_s: u64,
+    pub timeout_s: u64,
+    pub poll_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -79,6 +103,10 @@ pub struct RetentionConfig {
 pub struct LimitsConfig {
     pub max_model_bytes: u64,
     pub max_dataset_bytes: u64,
+    pub requests_per_second: f64,
+    pub burst: u32,
+    pub max_stored_bytes_per_tenant: u64,
+    pub max_active_jobs_per_tenant: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -213,6 +241,18 @@ impl Config {
         if crate::eval::Provider::parse(&self.eval.execution_provider).is_none() {
             return Err(ConfigError(
                 "eval.execution_provider must be \"cpu\" or \"cuda\"".into(),
+            ));
+        }
+        if !(self.limits.requests_per_second >= 0.0 && self.limits.requests_per_second.is_finite())
+            || (self.limits.requests_per_second > 0.0 && self.limits.burst == 0)
+        {
+            return Err(ConfigError(
+                "limits.requests_per_second must be >= 0 and limits.burst >= 1 when it is on".into(),
+            ));
+        }
+        if !(1..=20).contains(&self.webhooks.max_attempts) || self.webhooks.timeout_s == 0 {
+            return Err(ConfigError(
+                "webhooks.max_attempts must be within 1..=20 and webhooks.timeout_s >= 1".into(),
             ));
         }
         if self.eval.dim_overrides.values().any(|&v| v < 1) {

@@ -19,4 +19,5 @@ pub mod retention;
 pub mod service;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

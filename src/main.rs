@@ -1,4 +1,4 @@
-//! The `modelpress` binary: `serve` (API + workers), `worker` (workers only), `migrate`, and
+//! The `modelpress` binary: `serve` (API + workers), `worker` (workers only), `migrate`, `keys`, and
 //! `compress` (the job pipeline offline, with no database; workers run it as their child process).
 
 use std::net::SocketAddr;
@@ -59,6 +59,11 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Manage API keys (auth.mode = "api_key"): each key acts for one tenant.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
     /// Run a recipe on a model file and write model.onnx and report.json to --out, offline.
     Compress {
         model: PathBuf,
@@ -98,6 +103,26 @@ enum Command {
         /// Requests run at once.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for TENANT (created if new). The key is printed once, on stdout; only its hash
+    /// is stored. The tenant's webhook signing secret is printed on stderr.
+    Create {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List keys: id, tenant, created, revoked (never the keys themselves).
+    List,
+    /// Revoke a key by its id; requests with it get 401 from then on.
+    Revoke { id: uuid::Uuid },
+    /// Print TENANT's webhook signing secret (created if it has none), e.g. for the "default"
+    /// tenant of auth mode "none".
+    WebhookSecret {
+        #[arg(long)]
+        tenant: String,
     },
 }
 
@@ -217,6 +242,7 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             return Ok(());
         }
+        Command::Keys { action } => return keys(&config, action).await,
         Command::Compress { .. } | Command::InferWorker { .. } => unreachable!("handled without a runtime"),
     };
     let pool = db::connect(&config.database.url, config.database.max_connections)
@@ -238,6 +264,53 @@ async fn run_async(mut config: Config, command: Command) -> anyhow::Result<()> {
     tokio::spawn(signal_shutdown(shutdown.clone()));
     let options = ServiceOptions { listener, workers };
     service::run(Arc::new(config), pool, options, shutdown).await
+}
+
+async fn keys(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
+    let pool = db::connect(&config.database.url, 2)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {}", redact(&config.database.url)))?;
+    if config.database.migrate_on_start {
+        db::migrate(&pool).await.context("running migrations")?;
+    }
+    match action {
+        KeysCommand::Create { tenant } => {
+            let name = tenant.trim();
+            anyhow::ensure!(
+                !name.is_empty() && name.len() <= 255 && !name.chars().any(char::is_control),
+                "--tenant must be 1 to 255 printable characters"
+            );
+            let issued = modelpress::api::auth::issue_key(&pool, name).await?;
+            let secret =
+                db::tenants::webhook_secret(&pool, issued.tenant, &modelpress::api::auth::random_secret()).await?;
+            println!("{}", issued.key);
+            eprintln!("key id {} for tenant {name:?} ({})", issued.id, issued.tenant);
+            eprintln!("the key above is shown only now; store it, it cannot be recovered");
+            eprintln!("webhook signing secret of this tenant: {secret}");
+        }
+        KeysCommand::List => {
+            println!("{:<36}  {:<24}  {:<25}  revoked", "id", "tenant", "created");
+            for k in db::tenants::list_keys(&pool).await? {
+                let revoked = k.revoked_at.map_or("-".to_string(), |t| t.to_rfc3339());
+                println!(
+                    "{:<36}  {:<24}  {:<25}  {revoked}",
+                    k.id,
+                    k.tenant,
+                    k.created_at.to_rfc3339()
+                );
+            }
+        }
+        KeysCommand::WebhookSecret { tenant } => {
+            let id = db::tenants::get_or_create(&pool, tenant.trim()).await?;
+            let secret = db::tenants::webhook_secret(&pool, id, &modelpress::api::auth::random_secret()).await?;
+            println!("{secret}");
+        }
+        KeysCommand::Revoke { id } => {
+            anyhow::ensure!(db::tenants::revoke_key(&pool, id).await?, "no active key has id {id}");
+            eprintln!("key {id} revoked");
+        }
+    }
+    Ok(())
 }
 
 /// SIGTERM or SIGINT: stop accepting, finish in-flight requests, stop claiming, let running jobs

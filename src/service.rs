@@ -67,11 +67,28 @@ pub async fn run(
 
     tracing::info!(store = %storage.describe(), "object store");
 
+    if options.listener.is_some() && config.auth.mode == crate::config::AuthMode::None {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.mode = \"none\"): every /v1 request acts for the default tenant \
+             without a key. Use this for local single-user runs only; set auth.mode = \"api_key\" \
+             (MODELPRESS_AUTH__MODE=api_key) before exposing the service."
+        );
+    }
+    if config.webhooks.allow_private_targets {
+        tracing::warn!("webhooks.allow_private_targets is on: webhooks may target loopback and private addresses");
+    }
+
     let mut tasks = tokio::task::JoinSet::new();
     if config.retention.sweep_interval_s > 0 {
         let (pool, storage, retention) = (pool.clone(), storage.clone(), config.retention.clone());
         tasks.spawn(retention::run(pool, storage, retention, shutdown.clone()));
     }
+    // Every process sends due webhooks; the deliveries table shares the work between them.
+    tasks.spawn(crate::webhooks::sender::run(
+        pool.clone(),
+        config.clone(),
+        shutdown.clone(),
+    ));
     if options.workers {
         let ctx = WorkerContext::new(pool.clone(), storage.clone(), config.clone())?;
         tasks.spawn(worker::run(ctx, shutdown.clone()));
@@ -85,6 +102,10 @@ pub async fn run(
             runtime: Arc::new(runtime),
             events,
             http_metrics: Default::default(),
+            rate_limiter: Arc::new(api::ratelimit::RateLimiter::new(
+                config.limits.requests_per_second,
+                config.limits.burst,
+            )),
             inference: Arc::new(inference_pool(&config)?),
         };
         let app = api::app(state);

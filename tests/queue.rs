@@ -22,6 +22,7 @@ async fn queued_job(pool: &PgPool, app: &TestApp, max_attempts: i32) -> uuid::Uu
         timeout_s: 60,
         dataset_id: None,
         evaluation: &serde_json::json!({}),
+        webhook_url: None,
         idempotency: None,
     };
     match queue::enqueue(pool, new).await.unwrap() {
@@ -405,6 +406,7 @@ async fn many_workers_in_and_out_of_process_drain_the_queue_completing_each_job_
             timeout_s: 60,
             dataset_id: None,
             evaluation: &serde_json::json!({}),
+            webhook_url: None,
             idempotency: None,
         };
         assert!(matches!(
@@ -516,6 +518,7 @@ async fn a_cpu_worker_leaves_cuda_jobs_for_a_cuda_worker(pool: PgPool) {
             timeout_s: 60,
             dataset_id: None,
             evaluation: &evaluation,
+            webhook_url: None,
             idempotency: None,
         };
         queue::enqueue(&pool, new).await.unwrap();

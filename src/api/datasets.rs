@@ -58,6 +58,7 @@ pub async fn upload(
     request: Request,
 ) -> ApiResult<Response> {
     let limit = state.config.limits.max_dataset_bytes;
+    upload::check_quota(&state, tenant, 0).await?;
     let (content_type, folder) = upload::begin(request.headers(), limit, &state.config.staging_dir()).await?;
     let path = folder.path().join("data.npz");
     let (written, filename) = if content_type.starts_with("application/octet-stream") {
@@ -104,6 +105,7 @@ pub async fn upload(
         other => invalid_dataset(other.to_string()),
     })?;
 
+    upload::check_quota(&state, tenant, written.size).await?;
     let id = Uuid::new_v4();
     let key = storage::dataset_key(tenant.0, id);
     let name = super::models::clean_name(query.name.as_deref().or(filename.as_deref()), "dataset");

@@ -41,6 +41,12 @@ pub enum ApiError {
     #[error("{0}")]
     NotReady(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("too many requests for this API key; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
     NotAcceptable(String),
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
@@ -70,6 +76,9 @@ impl ApiError {
             ApiError::Unprocessable { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             ApiError::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable"),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::NotAcceptable(_) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
             ApiError::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::Timeout { code, .. } => (StatusCode::GATEWAY_TIMEOUT, code),
@@ -82,8 +91,15 @@ impl ApiError {
     }
 }
 
+/// Longest error message sent; messages quote client input (names, JSON), which may be huge.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
 /// The body every error response carries.
 pub fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+    let message = match message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}... (cut)", &message[..cut]),
+        None => message.to_string(),
+    };
     (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
 }
 
@@ -94,9 +110,21 @@ impl IntoResponse for ApiError {
             tracing::error!(error = ?e, "internal error");
         }
         let mut response = error_body(status, code, &self.to_string());
-        if let ApiError::RangeNotSatisfiable { len } = self {
-            let value = HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii header");
-            response.headers_mut().insert(header::CONTENT_RANGE, value);
+        match self {
+            ApiError::RangeNotSatisfiable { len } => {
+                let value = HeaderValue::from_str(&format!("bytes */{len}")).expect("ascii header");
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            ApiError::Unauthorized(_) => {
+                let value = HeaderValue::from_static("Bearer realm=\"modelpress\"");
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+            }
+            ApiError::RateLimited { retry_after_s } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            _ => {}
         }
         response
     }

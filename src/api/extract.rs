@@ -4,8 +4,8 @@ use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use uuid::Uuid;
 
+use super::auth::Principal;
 use super::error::ApiError;
-use crate::db::DEFAULT_TENANT;
 
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
@@ -19,15 +19,20 @@ pub struct Path<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct Query<T>(pub T);
 
-/// The tenant a request acts for. Until API keys exist (single-tenant local mode), every request
-/// acts for the built-in default tenant; handlers already scope every query by it.
+/// The tenant a request acts for, as `auth::authenticate` resolved it from the request's key. A
+/// request that did not pass through authentication has no tenant and is refused, so a route
+/// mounted outside `/v1` by mistake cannot fall back to someone's data.
 #[derive(Debug, Clone, Copy)]
 pub struct Tenant(pub Uuid);
 
 impl<S: Send + Sync> FromRequestParts<S> for Tenant {
     type Rejection = ApiError;
 
-    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Tenant(DEFAULT_TENANT))
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .map(|p| Tenant(p.tenant))
+            .ok_or_else(|| ApiError::Unauthorized("this request carries no credentials".into()))
     }
 }

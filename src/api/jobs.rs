@@ -52,6 +52,8 @@ pub struct CreateJob {
     /// Sizes for named dynamic input dimensions of synthetic inputs (`{"height": 48}`).
     #[serde(default)]
     dim_overrides: std::collections::BTreeMap<String, i64>,
+    /// Told with a signed POST of the job when it ends (see `webhooks`).
+    webhook_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +95,7 @@ pub struct Job {
     created_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    webhook_url: Option<String>,
     artifacts: Vec<Artifact>,
     /// When retention deleted the artifacts (`retention.artifacts_days`); null while they exist.
     artifacts_expired_at: Option<DateTime<Utc>>,
@@ -132,6 +135,7 @@ impl Job {
             created_at: row.created_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
+            webhook_url: row.webhook_url,
             artifacts_expired_at: row.artifacts_expired_at,
         }
     }
@@ -227,6 +231,21 @@ pub async fn create(
             "timeout_s must be within 1..={cap} (worker.max_job_timeout_s)"
         )));
     }
+    if let Some(url) = &body.webhook_url {
+        crate::webhooks::check_url(url, state.config.webhooks.allow_private_targets)
+            .await
+            .map_err(|why| ApiError::Unprocessable {
+                code: "invalid_webhook_url",
+                message: why,
+            })?;
+    }
+    let active_cap = state.config.limits.max_active_jobs_per_tenant;
+    if active_cap > 0 && queue::active_count(&state.pool, tenant.0).await? >= i64::from(active_cap) {
+        return Err(ApiError::QuotaExceeded(format!(
+            "this tenant already has {active_cap} queued or running jobs \
+             (limits.max_active_jobs_per_tenant); wait for one to finish"
+        )));
+    }
     // Store the normalized recipe (defaults filled in) so the job shows exactly what will run.
     let recipe = serde_json::to_value(&recipe).map_err(|e| ApiError::Internal(e.into()))?;
     let goal = goal
@@ -244,7 +263,8 @@ pub async fn create(
             max_attempts,
             timeout_s,
             body.dataset_id,
-            evaluation
+            evaluation,
+            body.webhook_url
         ])
         .to_string(),
     ));
@@ -260,6 +280,7 @@ pub async fn create(
             dataset_id: body.dataset_id,
             evaluation: &evaluation,
             goal: goal.as_ref(),
+            webhook_url: body.webhook_url.as_deref(),
             idempotency: key.as_deref().map(|k| (k, request_hash.as_str())),
         },
     )

@@ -1,6 +1,8 @@
 //! The HTTP API: application state, the router (one module per resource), and the layers every
 //! request passes through (request id, tracing, one error format).
 
+pub mod audit;
+pub mod auth;
 mod capabilities;
 mod datasets;
 mod download;
@@ -9,10 +11,12 @@ pub mod events;
 pub mod extract;
 mod health;
 mod infer;
-mod jobs;
+pub mod jobs;
 pub mod metrics;
 mod models;
+pub mod ratelimit;
 mod upload;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -41,6 +45,7 @@ pub struct AppState {
     /// Ids of jobs that just changed (fed by the LISTEN relay in `events`).
     pub events: tokio::sync::broadcast::Sender<uuid::Uuid>,
     pub http_metrics: Arc<metrics::HttpMetrics>,
+    pub rate_limiter: Arc<ratelimit::RateLimiter>,
     /// The inference worker processes behind `POST /v1/jobs/{id}/infer`.
     pub inference: Arc<crate::infer::InferencePool>,
 }
@@ -101,6 +106,7 @@ fn routes() -> Routes {
         .add(M::GET, "/v1/jobs/{id}/report", routing::get(jobs::report))
         .add(M::GET, "/v1/jobs/{id}/report.html", routing::get(jobs::report_html))
         .add(M::GET, "/v1/jobs/{id}/artifacts/{name}", routing::get(jobs::artifact))
+        .add(M::GET, "/v1/jobs/{id}/webhooks", routing::get(webhooks::list))
         .add(
             M::POST,
             "/v1/jobs/{id}/infer",
@@ -125,6 +131,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_json))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
         .layer(middleware::from_fn(errors_as_json))
@@ -178,6 +185,8 @@ async fn errors_as_json(req: Request<Body>, next: Next) -> Response {
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::RANGE_NOT_SATISFIABLE => "range_not_satisfiable",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
         s if s.is_server_error() => "internal",
         _ => "invalid_request",
     };

@@ -145,6 +145,7 @@ pub async fn upload(
     request: Request,
 ) -> ApiResult<Response> {
     let limit = state.config.limits.max_model_bytes;
+    upload::check_quota(&state, tenant, 0).await?;
     let staging = state.config.staging_dir();
     let (content_type, folder) = upload::begin(request.headers(), limit, &staging).await?;
     let internal = |e: std::io::Error| ApiError::Internal(e.into());
@@ -278,6 +279,7 @@ async fn store_model(
     let checked = tokio::task::spawn_blocking(move || -> Result<_, crate::onnx::OnnxError> {
         onnx::precheck(&path)?;
         let model = onnx::read(&path)?;
+        onnx::domains::check(&model)?;
         let dir = path.parent().expect("the model sits in its upload folder");
         let used = external::check(&model, dir)?;
         Ok((ModelSummary::of(&model), used))
@@ -316,6 +318,7 @@ async fn store_model(
             storage_key: storage::model_file_key(tenant.0, id, n),
         });
     }
+    upload::check_quota(state, tenant, total).await?;
     let key = storage::model_key(tenant.0, id);
     let stored = async {
         for f in &files {

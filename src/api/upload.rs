@@ -9,7 +9,9 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use super::AppState;
 use super::error::{ApiError, ApiResult};
+use super::extract::Tenant;
 
 /// Bytes written and their sha256.
 pub struct Written {
@@ -92,4 +94,24 @@ pub fn too_large(limit: u64) -> ApiError {
     ApiError::PayloadTooLarge(format!(
         "the upload is larger than the {limit}-byte limit (limits.max_model_bytes)"
     ))
+}
+
+/// The tenant's stored-bytes quota (`limits.max_stored_bytes_per_tenant`): refused with 429
+/// `quota_exceeded` when keeping `adding` more bytes would pass it. Called before an upload is read
+/// (with 0: a tenant already at its cap is refused before sending gigabytes) and again before the
+/// upload is stored (with its real size).
+pub async fn check_quota(state: &AppState, tenant: Tenant, adding: u64) -> ApiResult<()> {
+    let cap = state.config.limits.max_stored_bytes_per_tenant;
+    if cap == 0 {
+        return Ok(());
+    }
+    let used = crate::db::tenants::stored_bytes(&state.pool, tenant.0).await?.max(0) as u64;
+    let full = if adding == 0 { used >= cap } else { used + adding > cap };
+    if full {
+        return Err(ApiError::QuotaExceeded(format!(
+            "this tenant stores {used} bytes; adding {adding} would pass its {cap}-byte quota \
+             (limits.max_stored_bytes_per_tenant); delete models, datasets or jobs first"
+        )));
+    }
+    Ok(())
 }

@@ -1,10 +1,12 @@
-//! SQL for models and artifacts (the job queue's SQL lives in `queue`). Every query is scoped by
+//! SQL for models, datasets, artifacts and tenants (the job queue's SQL lives in `queue`). Every query is scoped by
 //! tenant: another tenant's row is indistinguishable from a missing one.
 
 pub mod artifacts;
 pub mod datasets;
 pub mod models;
 pub mod page;
+pub mod tenants;
+pub mod webhooks;
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -19,7 +21,7 @@ pub enum DeleteOutcome {
     InUse,
 }
 
-/// The built-in tenant that owns everything until API keys exist.
+/// The built-in tenant: everything belongs to it in auth mode "none" (single-tenant local use).
 pub const DEFAULT_TENANT: Uuid = Uuid::from_u128(1);
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -193,6 +193,10 @@ impl NpyArray {
     }
 }
 
+/// numpy's own cap (`max_header_size`, numpy >= 1.24): a header past it is an attack on the parser,
+/// not an array anyone saved.
+pub const MAX_HEADER_BYTES: u64 = 10_000;
+
 /// Parses an `.npy` header from the start of `r`; returns (dtype, shape, data offset).
 pub fn parse_header(r: &mut impl Read) -> Result<(NpyDtype, Vec<u64>, u64), NpzError> {
     let mut magic = [0u8; 8];
@@ -214,8 +218,10 @@ pub fn parse_header(r: &mut impl Read) -> Result<(NpyDtype, Vec<u64>, u64), NpzE
         }
         v => return Err(invalid(format!("unsupported .npy version {v}"))),
     };
-    if len > 1 << 20 {
-        return Err(invalid("the .npy header is implausibly long"));
+    if len > MAX_HEADER_BYTES {
+        return Err(invalid(format!(
+            "the .npy header is {len} bytes; numpy itself refuses headers over {MAX_HEADER_BYTES}"
+        )));
     }
     let mut header = vec![0u8; len as usize];
     r.read_exact(&mut header)?;

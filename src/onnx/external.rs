@@ -68,6 +68,11 @@ pub fn check_location(location: &str) -> std::result::Result<(), &'static str> {
     if location.contains('\0') || location.contains('\\') {
         return Err("contains a backslash or NUL");
     }
+    // ONNX Runtime reads tensors "located" here from a raw process memory address (offset); a
+    // model from outside must never get that.
+    if location.contains("_ORT_MEM_ADDR_") {
+        return Err("is ONNX Runtime's in-memory data marker");
+    }
     if location.len() >= 2 && location.as_bytes()[1] == b':' {
         return Err("is a drive-letter path");
     }

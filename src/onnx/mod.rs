@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod bundle;
+pub mod domains;
 pub mod dtype;
 pub mod external;
 pub mod graph;

@@ -104,6 +104,8 @@ pub struct JobRow {
     pub candidates: Json<Value>,
     /// Set when retention deleted the job's artifacts.
     pub artifacts_expired_at: Option<DateTime<Utc>>,
+    /// Told (signed POST of the job) when the job ends.
+    pub webhook_url: Option<String>,
 }
 
 pub struct NewJob<'a> {
@@ -116,6 +118,7 @@ pub struct NewJob<'a> {
     pub dataset_id: Option<Uuid>,
     pub evaluation: &'a Value,
     pub goal: Option<&'a Value>,
+    pub webhook_url: Option<&'a str>,
     /// `(Idempotency-Key, hash of the request)`, when the client sent a key.
     pub idempotency: Option<(&'a str, &'a str)>,
 }
@@ -137,8 +140,8 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     let created: Option<JobRow> = sqlx::query_as(
         "WITH model AS (SELECT id FROM models WHERE id = $2 AND tenant_id = $3 FOR SHARE)
          INSERT INTO jobs (id, tenant_id, model_id, recipe, priority, max_attempts, timeout_s,
-                           idempotency_key, request_hash, dataset_id, evaluation, goal)
-         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM model
+                           idempotency_key, request_hash, dataset_id, evaluation, goal, webhook_url)
+         SELECT $1, $3, model.id, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 FROM model
          ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING *",
     )
@@ -154,6 +157,7 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
     .bind(job.dataset_id)
     .bind(Json(job.evaluation))
     .bind(job.goal.map(Json))
+    .bind(job.webhook_url)
     .fetch_optional(pool)
     .await?;
     if let Some(row) = created {
@@ -172,6 +176,16 @@ pub async fn enqueue(pool: &PgPool, job: NewJob<'_>) -> Result<Enqueued, sqlx::E
         Some(row) => Enqueued::KeyReused(row),
         None => Enqueued::ModelNotFound,
     })
+}
+
+/// Queued and running jobs of the tenant (what its active-jobs quota counts).
+pub async fn active_count(pool: &PgPool, tenant: Uuid) -> Result<i64, sqlx::Error> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE tenant_id = $1 AND state IN ('queued', 'running')")
+            .bind(tenant)
+            .fetch_one(pool)
+            .await?;
+    Ok(n)
 }
 
 pub async fn get(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Option<JobRow>, sqlx::Error> {

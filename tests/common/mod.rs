@@ -170,6 +170,39 @@ impl Drop for TestApp {
     }
 }
 
+/// A client that sends `Authorization: Bearer <key>` with every request.
+pub fn bearer_client(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).unwrap();
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// A new API key for `tenant` (created if new) in the test's database, as `modelpress keys create`
+/// makes one.
+pub async fn api_key(pool: &PgPool, tenant: &str) -> String {
+    modelpress::api::auth::issue_key(pool, tenant).await.unwrap().key
+}
+
+impl TestApp {
+    /// The service in auth mode "api_key", its `client` acting for a new key of `tenant`.
+    pub async fn spawn_as(pool: PgPool, workers: bool, tenant: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let key = api_key(&pool, tenant).await;
+        let mut app = Self::spawn_with(pool, workers, |c| {
+            c.auth.mode = modelpress::config::AuthMode::ApiKey;
+            tweak(c)
+        })
+        .await;
+        app.client = bearer_client(&key);
+        app
+    }
+
+    /// The same service as seen by a new key of another tenant.
+    pub async fn client_for(&self, tenant: &str) -> reqwest::Client {
+        bearer_client(&api_key(&self.pool, tenant).await)
+    }
+}
+
 /// Asserts the API's error shape and code.
 pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> String {
     let got = response.status().as_u16();
