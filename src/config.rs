@@ -19,6 +19,7 @@ pub struct Config {
     pub onnxruntime: OrtConfig,
     pub worker: WorkerConfig,
     pub eval: EvalConfig,
+    pub retention: RetentionConfig,
     pub webhooks: WebhooksConfig,
     pub inference: InferenceConfig,
 }
@@ -64,6 +65,38 @@ pub struct DatabaseConfig {
 pub struct StorageConfig {
     pub backend: String,
     pub root: String,
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub allow_http: bool,
+    pub part_size_mb: usize,
+    /// Credentials are never written back out: a worker serializes its configuration for each
+    /// job process, which has no use for them.
+    #[serde(default, skip_serializing)]
+    pub access_key_id: String,
+    #[serde(default, skip_serializing)]
+    pub secret_access_key: Secret,
+}
+
+/// A credential: read from configuration, never printed by `Debug`.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// How long finished work is kept. Rows go first, then their bytes; bytes whose deletion failed
+/// are orphans, which the same sweep removes once they are older than the grace period.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RetentionConfig {
+    pub finished_jobs_days: u32,
+    pub artifacts_days: u32,
+    pub orphan_grace_s: u64,
+    pub sweep_interval_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -154,11 +187,32 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.storage.backend != "local" {
-            return Err(ConfigError(format!(
-                "storage.backend {:?} is not supported (supported: \"local\")",
-                self.storage.backend
-            )));
+        match self.storage.backend.as_str() {
+            "local" => {}
+            "s3" if self.storage.bucket.is_empty() => {
+                return Err(ConfigError("storage.backend \"s3\" needs storage.bucket".into()));
+            }
+            "s3" => {}
+            other => {
+                return Err(ConfigError(format!(
+                    "storage.backend {other:?} is not supported (supported: \"local\", \"s3\")"
+                )));
+            }
+        }
+        if self.storage.part_size_mb < 5 {
+            return Err(ConfigError(
+                "storage.part_size_mb must be >= 5 (S3's smallest part)".into(),
+            ));
+        }
+        if self.storage.access_key_id.is_empty() != self.storage.secret_access_key.0.is_empty() {
+            return Err(ConfigError(
+                "storage.access_key_id and storage.secret_access_key go together".into(),
+            ));
+        }
+        if self.retention.orphan_grace_s < 60 {
+            return Err(ConfigError(
+                "retention.orphan_grace_s must be >= 60 (uploads in flight are not orphans)".into(),
+            ));
         }
         if self.worker.concurrency == 0 || self.worker.lease_s < 3 {
             return Err(ConfigError(
@@ -218,6 +272,19 @@ impl Config {
         Ok(())
     }
 
+    pub fn s3_options(&self) -> crate::storage::S3Options {
+        let s = &self.storage;
+        crate::storage::S3Options {
+            endpoint: s.endpoint.clone(),
+            bucket: s.bucket.clone(),
+            region: s.region.clone(),
+            access_key_id: s.access_key_id.clone(),
+            secret_access_key: s.secret_access_key.0.clone(),
+            allow_http: s.allow_http,
+            part_size: s.part_size_mb << 20,
+        }
+    }
+
     pub fn storage_root(&self) -> PathBuf {
         if self.storage.root.is_empty() {
             self.server.data_dir.join("objects")
@@ -251,5 +318,28 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.server.listen.port(), 8080);
         assert_eq!(config.storage_root(), PathBuf::from("./data/objects"));
+    }
+
+    #[test]
+    fn an_s3_store_needs_a_bucket_and_both_halves_of_a_key() {
+        let mut config = Config::defaults();
+        config.storage.backend = "s3".into();
+        assert!(config.validate().unwrap_err().to_string().contains("storage.bucket"));
+        config.storage.bucket = "models".into();
+        config.validate().unwrap();
+        config.storage.access_key_id = "AKIA".into();
+        assert!(config.validate().unwrap_err().to_string().contains("secret_access_key"));
+        config.storage.secret_access_key = Secret("s3cret".into());
+        config.validate().unwrap();
+        assert!(!format!("{config:?}").contains("s3cret"), "Debug hides the secret");
+        let written = toml::to_string(&config).unwrap();
+        assert!(!written.contains("s3cret"), "the job process's copy has no secret");
+        let reread: Config = Figment::from(Toml::string(DEFAULTS))
+            .merge(Toml::string(&written))
+            .extract()
+            .unwrap();
+        reread.validate().expect("the job process accepts the copy");
+        config.storage.backend = "gcs".into();
+        assert!(config.validate().is_err());
     }
 }

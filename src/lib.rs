@@ -15,6 +15,7 @@ pub mod onnx;
 pub mod pipeline;
 pub mod queue;
 pub mod report;
+pub mod retention;
 pub mod service;
 pub mod storage;
 pub mod telemetry;

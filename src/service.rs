@@ -13,7 +13,8 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::eval::Runtime;
 use crate::infer::{InferencePool, PoolSettings};
-use crate::storage::{LocalStorage, Storage};
+use crate::retention;
+use crate::storage::{LocalStorage, S3Storage, Storage};
 use crate::worker::{self, WorkerContext};
 
 pub struct ServiceOptions {
@@ -22,7 +23,14 @@ pub struct ServiceOptions {
     pub workers: bool,
 }
 
+/// The store `storage.backend` names. Building an S3 store checks its settings but contacts
+/// nothing; the first request does.
 pub fn storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    if config.storage.backend == "s3" {
+        let s3 = S3Storage::new(&config.s3_options())
+            .with_context(|| format!("configuring the S3 store (bucket {:?})", config.storage.bucket))?;
+        return Ok(Arc::new(s3));
+    }
     let root = config.storage_root();
     let local = LocalStorage::new(&root).with_context(|| format!("opening local storage at {}", root.display()))?;
     Ok(Arc::new(local))
@@ -57,6 +65,8 @@ pub async fn run(
         tracing::error!(error = %e, "ONNX Runtime is not available; /readyz reports not ready and jobs will fail");
     }
 
+    tracing::info!(store = %storage.describe(), "object store");
+
     if options.listener.is_some() && config.auth.mode == crate::config::AuthMode::None {
         tracing::warn!(
             "AUTHENTICATION IS OFF (auth.mode = \"none\"): every /v1 request acts for the default tenant \
@@ -69,6 +79,10 @@ pub async fn run(
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    if config.retention.sweep_interval_s > 0 {
+        let (pool, storage, retention) = (pool.clone(), storage.clone(), config.retention.clone());
+        tasks.spawn(retention::run(pool, storage, retention, shutdown.clone()));
+    }
     // Every process sends due webhooks; the deliveries table shares the work between them.
     tasks.spawn(crate::webhooks::sender::run(
         pool.clone(),

@@ -15,6 +15,7 @@ async fn health_and_readiness_report_the_database_and_onnx_runtime(pool: PgPool)
     assert_eq!(r.status(), 200);
     let ready: Value = r.json().await.unwrap();
     assert_eq!(ready["database"], "ok");
+    assert_eq!(ready["storage"], "ok");
     assert!(
         ready["onnxruntime"]["version"].as_str().unwrap().starts_with("1.31"),
         "{ready}"
@@ -27,6 +28,15 @@ async fn readiness_fails_when_the_database_is_gone(pool: PgPool) {
     pool.close().await;
     let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
     assert!(message.contains("database"), "{message}");
+}
+
+#[sqlx::test]
+async fn readiness_fails_when_the_object_store_is_gone(pool: PgPool) {
+    let app = TestApp::spawn_without_workers(pool).await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    std::fs::remove_dir_all(app.config.storage_root()).unwrap();
+    let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
+    assert!(message.contains("object store"), "{message}");
 }
 
 #[sqlx::test]

@@ -97,6 +97,8 @@ pub struct Job {
     finished_at: Option<DateTime<Utc>>,
     webhook_url: Option<String>,
     artifacts: Vec<Artifact>,
+    /// When retention deleted the artifacts (`retention.artifacts_days`); null while they exist.
+    artifacts_expired_at: Option<DateTime<Utc>>,
 }
 
 impl Job {
@@ -134,6 +136,7 @@ impl Job {
             started_at: row.started_at,
             finished_at: row.finished_at,
             webhook_url: row.webhook_url,
+            artifacts_expired_at: row.artifacts_expired_at,
         }
     }
 }
@@ -513,6 +516,24 @@ pub async fn artifact(
     serve_artifact(&state, tenant, id, &name, &headers).await
 }
 
+/// 410 `artifacts_expired` when retention deleted the job's artifacts, else 404.
+async fn missing_artifact(state: &AppState, tenant: Tenant, job: Uuid, name: &str) -> ApiError {
+    match queue::get(&state.pool, tenant.0, job).await {
+        Ok(Some(JobRow {
+            artifacts_expired_at: Some(at),
+            ..
+        })) => ApiError::Gone {
+            code: "artifacts_expired",
+            message: format!(
+                "job {job}'s artifacts were deleted at {} after the retention period",
+                at.to_rfc3339()
+            ),
+        },
+        Ok(_) => ApiError::NotFound(format!("job {job} has no artifact named {name:?}")),
+        Err(e) => e.into(),
+    }
+}
+
 async fn serve_artifact(
     state: &AppState,
     tenant: Tenant,
@@ -520,9 +541,9 @@ async fn serve_artifact(
     name: &str,
     headers: &HeaderMap,
 ) -> ApiResult<Response<Body>> {
-    let artifact = artifacts::get(&state.pool, tenant.0, job, name)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("job {job} has no artifact named {name:?}")))?;
+    let Some(artifact) = artifacts::get(&state.pool, tenant.0, job, name).await? else {
+        return Err(missing_artifact(state, tenant, job, name).await);
+    };
     let content_type = match artifact.content_type.as_str() {
         "application/json" => "application/json",
         "text/html; charset=utf-8" => "text/html; charset=utf-8",

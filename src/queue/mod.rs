@@ -102,6 +102,8 @@ pub struct JobRow {
     pub goal: Option<Json<Value>>,
     /// Goal jobs: the candidates measured so far by the current attempt.
     pub candidates: Json<Value>,
+    /// Set when retention deleted the job's artifacts.
+    pub artifacts_expired_at: Option<DateTime<Utc>>,
     /// Told (signed POST of the job) when the job ends.
     pub webhook_url: Option<String>,
 }

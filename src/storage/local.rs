@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use super::{ByteStream, Result, Storage, StorageError, check_key};
+use futures::StreamExt;
+
+use super::{ByteStream, ListStream, ObjectInfo, Result, Storage, StorageError, check_key};
 
 pub struct LocalStorage {
     root: PathBuf,
@@ -94,6 +96,73 @@ impl Storage for LocalStorage {
             _ => Ok(()),
         }
     }
+
+    fn list(&self, prefix: &str) -> ListStream {
+        let (root, prefix) = (self.root.clone(), prefix.to_string());
+        let walked = async move {
+            let start = match check_key(&prefix) {
+                Ok(()) => root.join(&prefix),
+                Err(e) => return vec![Err(e)],
+            };
+            tokio::task::spawn_blocking(move || walk(&root, &start))
+                .await
+                .unwrap_or_else(|e| vec![Err(io_err(&prefix)(std::io::Error::other(e)))])
+        };
+        futures::stream::once(walked).flat_map(futures::stream::iter).boxed()
+    }
+
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+
+    async fn check(&self) -> Result<()> {
+        let root = self.root.to_string_lossy();
+        let meta = tokio::fs::metadata(&self.root).await.map_err(io_err(&root))?;
+        if meta.is_dir() {
+            Ok(())
+        } else {
+            Err(io_err(&root)(std::io::Error::other("not a folder")))
+        }
+    }
+}
+
+/// Files under `start`, keyed relative to `root`. A folder that does not exist lists nothing.
+fn walk(root: &Path, start: &Path) -> Vec<Result<ObjectInfo>> {
+    let mut out = Vec::new();
+    let mut stack = vec![start.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                out.push(Err(io_err(&dir.to_string_lossy())(e)));
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                let Ok(relative) = path.strip_prefix(root) else {
+                    continue;
+                };
+                let key = relative
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let modified = meta.modified().map(chrono::DateTime::from).unwrap_or_default();
+                out.push(Ok(ObjectInfo {
+                    key,
+                    size: meta.len(),
+                    modified,
+                }));
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -127,6 +196,10 @@ mod tests {
             collect(store.read("a/b/c.bin", Some(2..5)).await.unwrap()).await,
             b"234"
         );
+        let listed: Vec<ObjectInfo> = store.list("a").try_collect().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].key.as_str(), listed[0].size), ("a/b/c.bin", 10));
+        assert!(store.list("nothing").try_collect::<Vec<_>>().await.unwrap().is_empty());
         store.delete_prefix("a").await.unwrap();
         assert!(matches!(store.size("a/b/c.bin").await, Err(StorageError::NotFound(_))));
         store.delete("a/b/c.bin").await.unwrap();

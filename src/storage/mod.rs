@@ -1,19 +1,34 @@
-//! Where model and artifact bytes live. One interface, several backends: local disk today, S3-style
-//! object stores later. Keys are built from ids only, never from client-supplied names.
+//! Where model and artifact bytes live. One interface, two backends: local disk (one machine, or a
+//! shared volume) and S3-compatible object stores (API and workers on different hosts). Keys are
+//! built from ids only, never from client-supplied names.
 
 mod local;
+mod s3;
 
 use std::ops::Range;
 use std::path::Path;
 use std::pin::Pin;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::Stream;
+use futures::stream::BoxStream;
 use uuid::Uuid;
 
 pub use local::LocalStorage;
+pub use s3::{MIN_PART_SIZE, S3Options, S3Storage};
 
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// One stored object, as a listing sees it (the sweeper looks for objects no row refers to).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub modified: DateTime<Utc>,
+}
+
+pub type ListStream = BoxStream<'static, Result<ObjectInfo>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -26,6 +41,12 @@ pub enum StorageError {
         key: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("object store request for {key}: {source}")]
+    Remote {
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
     },
 }
 
@@ -44,7 +65,16 @@ pub trait Storage: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Deletes every object whose key starts with `prefix/`.
     async fn delete_prefix(&self, prefix: &str) -> Result<()>;
+    /// Every object whose key starts with `prefix/`, in no particular order.
+    fn list(&self, prefix: &str) -> ListStream;
+    /// Where the bytes are, for logs (`local:/srv/objects`, `s3://bucket`).
+    fn describe(&self) -> String;
+    /// One cheap request that shows the store answers (readiness).
+    async fn check(&self) -> Result<()>;
 }
+
+/// Every key starts with this segment (the sweeper lists it to find orphans).
+pub const TENANTS_PREFIX: &str = "tenants";
 
 /// Keys: `tenants/<tenant>/models/<model>/model.onnx` and
 /// `tenants/<tenant>/jobs/<job>/<attempt>/<artifact>`. The attempt keeps a fenced-out worker's

@@ -2,6 +2,8 @@
 //! port, against the fresh database `#[sqlx::test]` made for the test.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,8 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
     config.worker.rescue_interval_s = 1;
     config.eval.warmup_runs = 1;
     config.eval.timed_runs = 5;
+    // Tests that sweep call `retention::sweep` themselves, or turn the sweeper on.
+    config.retention.sweep_interval_s = 0;
     config
 }
 
@@ -42,6 +46,10 @@ impl TestApp {
     /// An API without workers: jobs stay queued, for tests about the queue's API side.
     pub async fn spawn_without_workers(pool: PgPool) -> TestApp {
         Self::spawn_with(pool, false, |_| {}).await
+    }
+
+    pub async fn spawn_without_workers_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        Self::spawn_with(pool, false, tweak).await
     }
 
     pub async fn spawn_with(pool: PgPool, workers: bool, tweak: impl FnOnce(&mut Config)) -> TestApp {
