@@ -131,6 +131,26 @@ fn pruning_half_the_hidden_units_shrinks_every_tensor_of_the_chain() {
 }
 
 #[test]
+fn the_activation_criterion_prunes_by_calibration_activity() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = run(
+        &mlp(1),
+        json!([{"pass": "prune_structured", "ratio": 0.5, "criterion": "activation"}]),
+        dir.path(),
+    )
+    .unwrap();
+    let out = dir.path().join("out/model.onnx");
+    onnx_checker(&out);
+    assert_eq!(initializer_dims(&out)["w2"], vec![32, 10]);
+    // It calibrated: the job set a calibration split aside (synthetic here, and flagged).
+    assert!(
+        report.passes[0].notes[0].contains("Activation"),
+        "{:?}",
+        report.passes[0].notes
+    );
+}
+
+#[test]
 fn shared_weights_and_excluded_nodes_are_left_alone() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     // w2 is read by two MatMuls on different branches: pruning it for one would break the other.

@@ -13,8 +13,7 @@ use crate::compress::weights::{constant, weight_of};
 use crate::eval::Runtime;
 use crate::eval::calibration::CalibrationSet;
 use crate::eval::session::PreparedInputs;
-use crate::onnx::graph::GraphIndex;
-use crate::onnx::proto::ValueInfoProto;
+use crate::onnx::graph::{self, GraphIndex};
 use crate::onnx::{self, ModelProto};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,17 +70,7 @@ fn known_names(model: &ModelProto) -> HashSet<String> {
 }
 
 fn with_outputs(model: &ModelProto, names: &[String], path: &Path) -> Result<(), String> {
-    let mut m = model.clone();
-    let g = m.graph.as_mut().ok_or("the model has no graph")?;
-    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
-    let existing: HashSet<String> = g.output.iter().map(|v| v.name().to_string()).collect();
-    for n in names.iter().filter(|n| !inputs.contains(*n) && !existing.contains(*n)) {
-        g.output.push(ValueInfoProto {
-            name: Some(n.clone()),
-            ..Default::default()
-        });
-    }
-    std::fs::write(path, onnx::encode(&m)).map_err(|e| format!("writing {}: {e}", path.display()))
+    std::fs::write(path, graph::exposing_outputs(model, names)).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Per-layer error contributions of `candidate` against `original`, worst first.

@@ -18,7 +18,7 @@ use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::session::PreparedInputs;
 use crate::onnx::graph::{self, GraphIndex};
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{self, external};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -454,18 +454,9 @@ fn activation_means(
     let calibration = ctx
         .calibration
         .ok_or("the activation criterion needs calibration samples")?;
-    let mut m = model.clone();
-    let g = m.graph.as_mut().ok_or("no graph")?;
-    for (c, _) in chains {
-        if !g.output.iter().any(|o| o.name() == c.consumed) {
-            g.output.push(ValueInfoProto {
-                name: Some(c.consumed.clone()),
-                ..Default::default()
-            });
-        }
-    }
+    let consumed: Vec<&str> = chains.iter().map(|(c, _)| c.consumed.as_str()).collect();
     let path = ctx.work_dir.join("prune-activations.onnx");
-    std::fs::write(&path, onnx::encode(&m)).map_err(|e| e.to_string())?;
+    std::fs::write(&path, graph::exposing_outputs(model, &consumed)).map_err(|e| e.to_string())?;
     let mut session = ctx.runtime.session(&path, ctx.threads).map_err(|e| e.to_string())?;
     let mut sums: HashMap<String, (Vec<f64>, u64)> = HashMap::new();
     for k in 0..calibration.len().min(max_samples) {

@@ -19,7 +19,7 @@ use crate::eval::inputs::TensorData;
 use crate::eval::session::PreparedInputs;
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{self, external};
 
 const BINS: usize = 2048;
@@ -229,7 +229,7 @@ impl Pass for QuantizeStatic {
         // 2. Calibrate: min/max first, then (percentile, entropy) histograms of |x|.
         let samples = calibration.len().min(p.max_samples);
         let graph_inputs: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
-        let augmented = model_bytes_with_outputs(&model, &activations);
+        let augmented = graph::exposing_outputs(&model, &activations);
         let mut stats = calibrate(ctx, &graph_inputs, &augmented, &activations, samples, None).map_err(err)?;
         if p.calibration != Method::Minmax {
             stats = calibrate(ctx, &graph_inputs, &augmented, &activations, samples, Some(&stats)).map_err(err)?;
@@ -436,7 +436,7 @@ fn measure_ranks(
         return Ok(HashMap::new());
     }
     let path = ctx.work_dir.join("ranks.onnx");
-    std::fs::write(&path, model_bytes_with_outputs(model, names)).map_err(|e| e.to_string())?;
+    std::fs::write(&path, graph::exposing_outputs(model, names)).map_err(|e| e.to_string())?;
     let mut session = ctx.runtime.session(&path, ctx.threads).map_err(|e| e.to_string())?;
     let tensors = calibration.sample(0)?;
     let outputs = PreparedInputs::new(&tensors)
@@ -552,21 +552,6 @@ fn quantize_weight_asymmetric(
         })
         .collect();
     (q, scales, zps)
-}
-
-/// The model with `names` exposed as extra outputs (graph inputs are read from the samples).
-fn model_bytes_with_outputs(model: &crate::onnx::ModelProto, names: &[String]) -> Vec<u8> {
-    let mut m = model.clone();
-    let g = m.graph.as_mut().expect("has a graph");
-    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
-    let existing: HashSet<String> = g.output.iter().map(|v| v.name().to_string()).collect();
-    for n in names.iter().filter(|n| !inputs.contains(*n) && !existing.contains(*n)) {
-        g.output.push(ValueInfoProto {
-            name: Some(n.clone()),
-            ..Default::default()
-        });
-    }
-    onnx::encode(&m)
 }
 
 fn calibrate(

@@ -18,8 +18,8 @@ use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::TensorData;
 use crate::eval::session::PreparedInputs;
 use crate::onnx::graph::GraphIndex;
+use crate::onnx::proto::ModelProto;
 use crate::onnx::proto::tensor_proto::DataType;
-use crate::onnx::proto::{ModelProto, ValueInfoProto};
 use crate::onnx::{self, external};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -148,18 +148,7 @@ fn layers(student: &ModelProto, teacher_names: &HashSet<String>, excluded: &Hash
 }
 
 fn with_outputs(model: &ModelProto, names: &[&str], path: &Path) -> Result<(), String> {
-    let mut m = model.clone();
-    let g = m.graph.as_mut().ok_or("no graph")?;
-    let inputs: HashSet<String> = g.input.iter().map(|v| v.name().to_string()).collect();
-    for n in names {
-        if !inputs.contains(*n) && !g.output.iter().any(|o| o.name() == *n) {
-            g.output.push(ValueInfoProto {
-                name: Some(n.to_string()),
-                ..Default::default()
-            });
-        }
-    }
-    std::fs::write(path, onnx::encode(&m)).map_err(|e| e.to_string())
+    std::fs::write(path, crate::onnx::graph::exposing_outputs(model, names)).map_err(|e| e.to_string())
 }
 
 /// Solves (A) X = B for symmetric positive definite A (d×d) and B (d×n), by Cholesky.

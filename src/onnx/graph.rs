@@ -307,6 +307,26 @@ pub fn require_opset(model: &mut ModelProto, domain: &str, min_version: i64) -> 
     }
 }
 
+/// The model, encoded, with `names` added as graph outputs so a session returns those
+/// intermediate tensors too (calibration, sensitivity, reconstruction). Graph inputs and existing
+/// outputs are skipped: the caller reads those from its feeds and the normal outputs.
+pub fn exposing_outputs<S: AsRef<str>>(model: &ModelProto, names: &[S]) -> Vec<u8> {
+    let mut m = model.clone();
+    if let Some(g) = m.graph.as_mut() {
+        let taken: HashSet<String> = g.input.iter().chain(&g.output).map(|v| v.name().to_string()).collect();
+        let mut added = HashSet::new();
+        for n in names.iter().map(AsRef::as_ref) {
+            if !taken.contains(n) && added.insert(n.to_string()) {
+                g.output.push(ValueInfoProto {
+                    name: Some(n.to_string()),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    super::encode(&m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
