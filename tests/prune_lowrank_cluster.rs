@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::TestApp;
 use modelpress::compress::Recipe;
@@ -45,18 +44,6 @@ fn run(model: &ModelProto, recipe: Value, out: &Path) -> Result<Report, Pipeline
         },
         &mut |_, _| {},
     )
-}
-
-fn onnx_checker(path: &Path) {
-    let check = Command::new(common::python())
-        .args([
-            "-c",
-            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
-        ])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
 }
 
 fn result(dir: &Path) -> ModelProto {
@@ -168,7 +155,7 @@ fn per_layer_pruning_zeroes_the_smallest_half_of_every_weight_and_ships_a_zstd_c
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let pruned = result(dir.path());
     for name in ["w1", "w2"] {
         let (before, after) = (weight(&original, name).unwrap(), weight(&pruned, name).unwrap());
@@ -246,7 +233,7 @@ fn two_of_four_pruning_keeps_two_values_in_every_group_along_the_reduction_axis(
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let w = weight(&result(dir.path()), "w").unwrap();
     for group in w.chunks(4) {
         assert_eq!(zeros(group), 2, "{group:?}");
@@ -280,7 +267,7 @@ fn conv_weights_are_pruned_and_the_model_still_runs() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let pruned = result(dir.path());
     assert_eq!(
         zeros(&weight(&pruned, "c1").unwrap()),
@@ -311,7 +298,7 @@ fn a_shared_weight_is_pruned_once_for_both_readers_or_not_at_all_when_one_is_exc
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let pruned = result(dir.path());
     let g = pruned.graph.as_ref().unwrap();
     assert_eq!(g.initializer.len(), 1, "still one weight");
@@ -368,7 +355,7 @@ fn a_low_rank_gemm_with_transposed_weight_and_bias_factorizes_exactly() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let m = result(dir.path());
     assert_eq!(op_count(&m, "MatMul"), 1);
     assert_eq!(op_count(&m, "Gemm"), 1);
@@ -396,7 +383,7 @@ fn rank_ratio_and_min_saving_decide_which_layers_are_factorized() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let layers = &report.passes[0].layers;
     assert_eq!(layers.len(), 1, "MatMul_3 is excluded");
     assert_eq!(layers[0].weight, "w1");
@@ -431,7 +418,7 @@ fn a_shared_weight_is_factorized_once_and_both_readers_use_the_factors() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let m = result(dir.path());
     let g = m.graph.as_ref().unwrap();
     assert_eq!(
@@ -455,7 +442,7 @@ fn clustering_stores_a_codebook_and_uint8_indices_expanded_by_gather() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let m = result(dir.path());
     assert_eq!(op_count(&m, "Gather"), 2);
     assert_eq!(op_count(&m, "Cast"), 2);
@@ -529,7 +516,7 @@ fn per_channel_scales_keep_channels_of_very_different_magnitude_apart() {
             dir.path(),
         )
         .unwrap();
-        onnx_checker(&dir.path().join("out/model.onnx"));
+        common::onnx_checker(&dir.path().join("out/model.onnx"));
         let m = result(dir.path());
         assert_eq!(op_count(&m, "Mul"), if per_channel { 2 } else { 0 });
         let got = expanded(&m, "c1");
@@ -578,7 +565,7 @@ fn clustering_respects_min_elements_exclusions_and_shared_weights() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     let m = result(dir.path());
     assert_eq!(op_count(&m, "Gather"), 1, "one codebook for the shared weight");
     let g = m.graph.as_ref().unwrap();
@@ -611,7 +598,7 @@ fn clustering_a_pruned_model_keeps_its_zeros() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     assert!(report.result.sparsity >= 0.0);
     let m = result(dir.path());
     let g = m.graph.as_ref().unwrap();

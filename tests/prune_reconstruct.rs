@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
@@ -20,7 +19,15 @@ use modelpress::report::{Report, TaskMetrics};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-fn run_on(model: &Path, recipe: Value, out: &Path, dataset: Option<&Path>) -> Result<Report, PipelineError> {
+/// The pipeline on `model`; with a dataset, a classification job. `hold_out` sets the calibration
+/// split aside even when no pass calibrates, as calibrating recipes do.
+fn run_on(
+    model: &Path,
+    recipe: Value,
+    out: &Path,
+    dataset: Option<&Path>,
+    hold_out: bool,
+) -> Result<Report, PipelineError> {
     let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
     let mut config = Config::defaults();
     config.eval.timed_runs = 3;
@@ -30,6 +37,7 @@ fn run_on(model: &Path, recipe: Value, out: &Path, dataset: Option<&Path>) -> Re
     if dataset.is_some() {
         options.task = Task::Classification;
     }
+    options.hold_out_calibration = hold_out;
     pipeline::run(
         PipelineInput {
             runtime: &runtime,
@@ -49,19 +57,7 @@ fn run(model: &ModelProto, recipe: Value, out: &Path) -> Result<Report, Pipeline
     std::fs::create_dir_all(out).unwrap();
     let input = out.join("input.onnx");
     std::fs::write(&input, modelpress::onnx::encode(model)).unwrap();
-    run_on(&input, recipe, out, None)
-}
-
-fn onnx_checker(path: &Path) {
-    let status = Command::new(common::python())
-        .args([
-            "-c",
-            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
-        ])
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(status.success(), "onnx.checker rejected {}", path.display());
+    run_on(&input, recipe, out, None, false)
 }
 
 fn weights(rng: &mut rand::rngs::StdRng, n: usize, fan_in: usize) -> Vec<f32> {
@@ -103,7 +99,7 @@ fn pruning_half_the_hidden_units_shrinks_every_tensor_of_the_chain() {
     let dir = tempfile::tempdir().unwrap();
     let report = run(&mlp(1), json!([{"pass": "prune_structured", "ratio": 0.5}]), dir.path()).unwrap();
     let out = dir.path().join("out/model.onnx");
-    onnx_checker(&out);
+    common::onnx_checker(&out);
     let dims = initializer_dims(&out);
     assert_eq!(dims["w1"], vec![32, 32]);
     assert_eq!(dims["b1"], vec![32]);
@@ -140,7 +136,7 @@ fn the_activation_criterion_prunes_by_calibration_activity() {
     )
     .unwrap();
     let out = dir.path().join("out/model.onnx");
-    onnx_checker(&out);
+    common::onnx_checker(&out);
     assert_eq!(initializer_dims(&out)["w2"], vec![32, 10]);
     // It calibrated: the job set a calibration split aside (synthetic here, and flagged).
     assert!(
@@ -255,7 +251,7 @@ fn conv_batchnorm_and_swish_chains_are_pruned_into_valid_graphs() {
         let dir = tempfile::tempdir().unwrap();
         let report = run(&model, json!([{"pass": "prune_structured", "ratio": 0.5}]), dir.path()).unwrap();
         let out = dir.path().join("out/model.onnx");
-        onnx_checker(&out);
+        common::onnx_checker(&out);
         assert_eq!(initializer_dims(&out)[pruned], dims, "{:?}", report.passes[0].notes);
         assert!(report.result.parameters < report.original.parameters);
         // A second run writes the same bytes.
@@ -294,16 +290,17 @@ fn reconstruct_recovers_accuracy_that_pruning_lost_on_digits() {
     // Both runs are measured on the same samples: reconstruct calibrates, so its run holds the
     // calibration split out, and the pruning-only run is asked to do the same.
     let alone_dir = tempfile::tempdir().unwrap();
-    let alone = run_held_out(&model, json!([prune.clone()]), alone_dir.path(), &dataset);
+    let alone = run_on(&model, json!([prune.clone()]), alone_dir.path(), Some(&dataset), true).unwrap();
     let fixed_dir = tempfile::tempdir().unwrap();
     let fixed = run_on(
         &model,
         json!([prune, {"pass": "reconstruct"}]),
         fixed_dir.path(),
         Some(&dataset),
+        false,
     )
     .unwrap();
-    onnx_checker(&fixed_dir.path().join("out/model.onnx"));
+    common::onnx_checker(&fixed_dir.path().join("out/model.onnx"));
     let (original, after_prune) = accuracy(&alone);
     let (original2, after_fix) = accuracy(&fixed);
     assert_eq!(original, original2, "both measured on the same samples");
@@ -323,30 +320,4 @@ fn reconstruct_recovers_accuracy_that_pruning_lost_on_digits() {
     );
     let notes = fixed.passes[1].notes.join("\n");
     assert!(notes.contains("re-fitted"), "{notes}");
-}
-
-/// A recipe run on the dataset with the calibration split held out, as a calibrating recipe is.
-fn run_held_out(model: &Path, recipe: Value, out: &Path, dataset: &Path) -> Report {
-    let runtime = Runtime::init("").unwrap();
-    let mut config = Config::defaults();
-    config.eval.timed_runs = 3;
-    config.eval.warmup_runs = 1;
-    let recipe = Recipe::parse(&recipe).unwrap();
-    let mut options = EvaluationOptions::defaults(&config.eval);
-    options.task = Task::Classification;
-    options.hold_out_calibration = true;
-    pipeline::run(
-        PipelineInput {
-            runtime: &runtime,
-            model,
-            recipe: &recipe,
-            out_dir: &out.join("out"),
-            eval: &config.eval,
-            job_id: None,
-            options: &options,
-            dataset: Some(dataset),
-        },
-        &mut |_, _| {},
-    )
-    .unwrap()
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
@@ -43,18 +42,6 @@ fn run(model: &ModelProto, recipe: serde_json::Value, out: &Path) -> Result<Repo
     )
 }
 
-fn onnx_checker(path: &Path) {
-    let check = Command::new(common::python())
-        .args([
-            "-c",
-            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
-        ])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
-}
-
 /// x[batch, 24] → Gemm(W stored [12, 24], transB=1, bias) → y[batch, 12]
 fn gemm_model() -> ModelProto {
     let w: Vec<f32> = (0..12 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
@@ -79,7 +66,7 @@ fn the_tiny_mlp_quantizes_per_tensor_and_per_channel() {
         )
         .unwrap();
         let result = dir.path().join("out/model.onnx");
-        onnx_checker(&result);
+        common::onnx_checker(&result);
         let model = modelpress::onnx::load(&result).unwrap();
         let summary = modelpress::onnx::ModelSummary::of(&model);
         let ops = summary.op_counts;
@@ -117,7 +104,7 @@ fn gemm_with_transposed_weights_and_bias_quantizes_faithfully() {
         dir.path(),
     )
     .unwrap();
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     assert!(
         report.result.fidelity.cosine_similarity > 0.999,
         "{:?}",
@@ -233,7 +220,7 @@ fn int4_weight_only_packs_matmuls_into_matmulnbits_in_both_modes() {
         let recipe = json!([{"pass": "quantize_int4_weight_only", "block_size": 16, "symmetric": symmetric}]);
         let report = run(&builder::tiny_mlp(8), recipe, dir.path()).unwrap();
         let result = dir.path().join("out/model.onnx");
-        onnx_checker(&result);
+        common::onnx_checker(&result);
         let model = modelpress::onnx::load(&result).unwrap();
         assert_eq!(modelpress::onnx::graph::opset_version(&model, "com.microsoft"), Some(1));
         let summary = modelpress::onnx::ModelSummary::of(&model);
@@ -286,7 +273,7 @@ fn fp16_halves_the_weights_and_keeps_float32_at_the_edges() {
     let dir = tempfile::tempdir().unwrap();
     let report = run(&builder::tiny_mlp(10), json!([{"pass": "fp16"}]), dir.path()).unwrap();
     let result = dir.path().join("out/model.onnx");
-    onnx_checker(&result);
+    common::onnx_checker(&result);
     let s = summary_of(&result);
     assert_eq!(s.inputs[0].dtype, "float32");
     assert_eq!(s.outputs[0].dtype, "float32");
@@ -455,7 +442,7 @@ fn static_int8_writes_qdq_around_convs_and_matmuls_calibrated_on_synthetic_data_
                                  "symmetric_weights": symmetric}]);
             let report = run(&model, recipe, dir.path()).unwrap();
             let result = dir.path().join("out/model.onnx");
-            onnx_checker(&result);
+            common::onnx_checker(&result);
             let s = summary_of(&result);
             assert!(
                 s.op_counts.get("QuantizeLinear").is_some_and(|&n| n >= 2),
@@ -520,7 +507,7 @@ fn static_int8_per_channel_upgrades_an_opset_11_model_or_says_why_it_cannot() {
         notes.contains("upgraded the model from opset 11 to 13 (rewrote: Squeeze, Unsqueeze)"),
         "{notes}"
     );
-    onnx_checker(&dir.path().join("out/model.onnx"));
+    common::onnx_checker(&dir.path().join("out/model.onnx"));
     assert!(
         report.result.fidelity.cosine_similarity > 0.98,
         "{:?}",
@@ -595,7 +582,7 @@ fn every_pass_keeps_the_transformer_encoder_close() {
     for (recipe, min_cosine) in cases {
         let dir = tempfile::tempdir().unwrap();
         let report = run(&model, recipe.clone(), dir.path()).unwrap_or_else(|e| panic!("{recipe}: {e}"));
-        onnx_checker(&dir.path().join("out/model.onnx"));
+        common::onnx_checker(&dir.path().join("out/model.onnx"));
         assert!(
             report.result.size_bytes < report.original.size_bytes,
             "{recipe}: not smaller"
@@ -620,7 +607,7 @@ fn fp16_after_quantization_halves_what_quantization_left_in_float() {
         let dir = tempfile::tempdir().unwrap();
         let both = run(&model, json!([first.clone(), {"pass": "fp16"}]), dir.path()).unwrap();
         let out = dir.path().join("out/model.onnx");
-        onnx_checker(&out);
+        common::onnx_checker(&out);
         // The embeddings the quantizer leaves in float32 are halved ...
         assert!(
             both.result.size_bytes < alone.result.size_bytes * 9 / 10,
@@ -694,7 +681,7 @@ fn static_int8_quantizes_attention_matmuls_between_two_activations() {
     let dir = tempfile::tempdir().unwrap();
     let report = run(&model, recipe(true), dir.path()).unwrap();
     let out = dir.path().join("out/model.onnx");
-    onnx_checker(&out);
+    common::onnx_checker(&out);
     assert_eq!(count(&out), attention.len());
     assert!(
         report.passes[0]

@@ -276,3 +276,16 @@ pub async fn wait_until(app: &TestApp, id: &str, secs: u64, pred: impl Fn(&Value
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `onnx.checker.check_model(full_check=True)` in the project's Python must accept `path`.
+pub fn onnx_checker(path: &std::path::Path) {
+    let check = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
