@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::goal::{Goal, Objective};
 use crate::compress::Recipe;
-use crate::compress::weights::{constant, weight_of};
+use crate::compress::weights::is_weight_bearing;
 use crate::eval::Provider;
 use crate::onnx::ModelProto;
 use crate::onnx::graph::GraphIndex;
@@ -87,13 +87,8 @@ pub fn census(model: &ModelProto) -> BTreeMap<String, u64> {
         return counts;
     };
     let index = GraphIndex::new(g);
-    for n in g.node.iter().filter(|n| matches!(n.domain(), "" | "ai.onnx")) {
-        let counted = match n.op_type() {
-            "MatMul" | "Gemm" => weight_of(n, &index, g).is_ok(),
-            "Conv" => n.input.get(1).is_some_and(|w| constant(&index, g, w).is_some()),
-            _ => false,
-        };
-        if counted {
+    for n in &g.node {
+        if is_weight_bearing(n, &index, g) {
             *counts.entry(n.op_type().to_string()).or_insert(0) += 1;
         }
     }

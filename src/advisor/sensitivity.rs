@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compress::weights::{constant, weight_of};
+use crate::compress::weights::is_weight_bearing;
 use crate::eval::Runtime;
 use crate::eval::calibration::CalibrationSet;
 use crate::eval::session::PreparedInputs;
@@ -41,11 +41,7 @@ fn layers(model: &ModelProto) -> Vec<Layer> {
     let index = GraphIndex::new(g);
     g.node
         .iter()
-        .filter(|n| matches!(n.op_type(), "MatMul" | "Gemm" | "Conv") && !n.name().is_empty())
-        .filter(|n| match n.op_type() {
-            "Conv" => n.input.get(1).is_some_and(|w| constant(&index, g, w).is_some()),
-            _ => weight_of(n, &index, g).is_ok(),
-        })
+        .filter(|n| !n.name().is_empty() && is_weight_bearing(n, &index, g))
         .filter_map(|n| {
             Some(Layer {
                 node: n.name().to_string(),

@@ -258,8 +258,8 @@ impl Pass for Reconstruct {
             let mut rows = 0u64;
             let mut mismatch = false;
             for s in 0..samples {
-                let prepared =
-                    PreparedInputs::new(&calibration.sample(s).map_err(err)?).map_err(|e| err(e.to_string()))?;
+                let sample = calibration.sample(s).map_err(err)?;
+                let prepared = PreparedInputs::new(&sample).map_err(|e| err(e.to_string()))?;
                 let t_out = prepared.run_and_collect(&mut ts).map_err(|e| err(e.to_string()))?;
                 let s_out = prepared.run_and_collect(&mut ss).map_err(|e| err(e.to_string()))?;
                 let find = |outs: &[crate::eval::session::OutputTensor], name: &str| {
@@ -269,7 +269,6 @@ impl Pass for Reconstruct {
                     Some(x) => x,
                     // A graph input: read it from the sample itself.
                     None => {
-                        let sample = calibration.sample(s).map_err(err)?;
                         let t = sample
                             .iter()
                             .find(|t| t.name == layer.input)
@@ -379,23 +378,19 @@ impl Pass for Reconstruct {
                 continue;
             }
             // Write back, in the stored layout.
-            let (k, stored): (usize, Vec<f32>) = if layer.transposed {
-                let mut t = vec![0f32; layer.k * n];
-                for r in 0..layer.k {
+            let k = layer.k;
+            let (dims, stored): (Vec<i64>, Vec<f32>) = if layer.transposed {
+                let mut t = vec![0f32; k * n];
+                for r in 0..k {
                     for c in 0..n {
-                        t[c * layer.k + r] = w[r * n + c] as f32;
+                        t[c * k + r] = w[r * n + c] as f32;
                     }
                 }
-                (layer.k, t)
+                (vec![n as i64, k as i64], t)
             } else {
-                (layer.k, w[..layer.k * n].iter().map(|&v| v as f32).collect())
+                (vec![k as i64, n as i64], w[..k * n].iter().map(|&v| v as f32).collect())
             };
             let g = student.graph.as_mut().expect("has a graph");
-            let dims = if layer.transposed {
-                vec![n as i64, k as i64]
-            } else {
-                vec![k as i64, n as i64]
-            };
             replace_constant(
                 g,
                 &layer.weight,

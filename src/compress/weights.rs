@@ -40,6 +40,19 @@ pub fn skipped_notes(skipped: std::collections::HashMap<String, usize>) -> Vec<S
     notes
 }
 
+/// Whether the passes can compress `node`: a default-domain MatMul/Gemm with a constant 2-D
+/// float weight, or a Conv whose weight is stored in the model.
+pub fn is_weight_bearing(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -> bool {
+    if !matches!(node.domain(), "" | "ai.onnx") {
+        return false;
+    }
+    match node.op_type() {
+        "MatMul" | "Gemm" => weight_of(node, index, g).is_ok(),
+        "Conv" => node.input.get(1).is_some_and(|w| constant(index, g, w).is_some()),
+        _ => false,
+    }
+}
+
 pub fn weight_of(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -> Result<Weight, String> {
     let name = node.input.get(1).ok_or("no weight input")?;
     // Initializers, or `Constant` nodes (some exporters keep every weight there).
