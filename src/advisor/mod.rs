@@ -296,9 +296,24 @@ fn try_candidate(
     let start = Instant::now();
     let model = prepared.work_dir().join(format!("candidate-{id}.onnx"));
     let mut quiet = |_: &str, _: f32| {};
+    // A recipe whose passes all found nothing to do is not a candidate: it would only add a
+    // duplicate of the original to the comparison, so it is not measured.
+    let same_as_original = || {
+        let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
+        len(&model) == len(prepared.original_path())
+            && matches!(
+                (std::fs::read(&model), std::fs::read(prepared.original_path())),
+                (Ok(a), Ok(b)) if a == b
+            )
+    };
     let result = prepared
         .apply(&plan.recipe, &model, &mut quiet, (0.0, 0.0))
-        .and_then(|applied| prepared.measure(&model, applied, &mut quiet));
+        .and_then(|applied| {
+            if same_as_original() {
+                return Ok(None);
+            }
+            prepared.measure(&model, applied, &mut quiet).map(Some)
+        });
     let mut record = CandidateRecord {
         id,
         label: plan.label.clone(),
@@ -316,21 +331,14 @@ fn try_candidate(
         duration_ms: 0.0,
         sensitivity: None,
     };
-    // A recipe whose passes all found nothing to do is not a candidate: it would only add a
-    // duplicate of the original to the comparison.
-    let unchanged = result.is_ok()
-        && matches!(
-            (std::fs::read(&model), std::fs::read(prepared.original_path())),
-            (Ok(a), Ok(b)) if a == b
-        );
     let report = match result {
-        Ok(_) if unchanged => {
+        Ok(None) => {
             record
                 .reasons
                 .push("the recipe left the model unchanged (its passes found nothing to compress)".into());
             None
         }
-        Ok(report) => {
+        Ok(Some(report)) => {
             record.size_bytes = Some(report.result.size_bytes);
             record.latency = Some(report.result.latency.clone());
             record.speedup = Some(report.original.latency.p50_ms / report.result.latency.p50_ms.max(1e-9));
