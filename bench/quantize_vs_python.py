@@ -232,7 +232,7 @@ REFUSAL_CODES = {"pass_failed", "non_finite_output"}
 
 def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = ()) -> dict:
     """ModelPress's `compress`, one model; `extra`: more arguments (`--dataset ...`)."""
-    cmd = [str(BIN), "compress", str(model), "--recipe", json.dumps(recipe), "--out", str(out_dir), *extra]
+    cmd = [str(BIN), "compress", str(model), "--no-eval", "--recipe", json.dumps(recipe), "--out", str(out_dir), *extra]
     rc, stdout, stderr, wall = run_measured(cmd, env)
     if rc != 0:
         # The job's error: a JSON error event on stdout (`--events`, the worker protocol) or, as here
@@ -259,13 +259,14 @@ def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = ())
         if code in REFUSAL_CODES:
             return {"error": short(msg if code == "pass_failed" else f"{code}: {msg}", 200), "refused": True}
         return {"error": short(f"{code}: {msg}", 200)}
-    report = json.loads((out_dir / "report.json").read_text())
+    # --no-eval: the passes alone, no evaluation around them; their records are in passes.json.
+    done = json.loads((out_dir / "passes.json").read_text())
     return {
         "path": out_dir / "model.onnx",
-        "pass_ms": report["passes"][0]["duration_ms"],
-        "peak_mib": report["environment"]["peak_memory_bytes"] / 2**20,
+        "pass_ms": done["passes"][0]["duration_ms"],
+        "peak_mib": done["peak_memory_bytes"] / 2**20,
         "wall_s": wall,
-        "calibration_samples": report["evaluation"].get("calibration_samples"),
+        "calibration_samples": done["calibration_samples"],
     }
 
 
@@ -587,8 +588,8 @@ def rss_table(path: Path, shape, tmp: Path, env: dict, base_mib: str) -> list:
         f"The same model, options and harness as its table above, on {CAL_SAMPLES} and {CAL_SAMPLES * RSS_SCALE} "
         f"seeded uniform samples (NumPy seed {CAL_SEED}), so that ModelPress's job calibrates on "
         f"{round(CAL_SAMPLES * 0.2)} and {round(CAL_SAMPLES * RSS_SCALE * 0.2)} of them and ORT's reader yields "
-        "exactly those. ModelPress's figure is the whole job process (its evaluation of both models on the "
-        "other 80% included); ORT's is the quantize process, with the Python interpreter and its imports "
+        "exactly those. ModelPress's figure is its `compress --no-eval` process (parse, calibration, "
+        "quantization, write); ORT's is the quantize process, with the Python interpreter and its imports "
         f"({base_mib} for a child that only imports them) and the calibration samples it reads.",
         "",
         "| | dataset samples | calibration samples | pass ms | peak RSS MiB |",
@@ -601,7 +602,7 @@ def rss_table(path: Path, shape, tmp: Path, env: dict, base_mib: str) -> list:
         o = ours(path, STATIC_RECIPE, tmp / f"ours-static-rss-{n}", env, cal["extra"])
         t = theirs_static(path, tmp / f"theirs-static-rss-{n}.onnx", cal, o)
         k = len(cal.get("indices", [])) or "–"
-        for key, label, row in (("ours", "ModelPress (whole job)", o), ("theirs", "ORT Python (quantize process)", t)):
+        for key, label, row in (("ours", "ModelPress (compress process)", o), ("theirs", "ORT Python (quantize process)", t)):
             if "error" in row:
                 lines.append(f"| {label} | {n} | {k} | failed: {row['error']} | |")
                 peaks[key].append(None)
@@ -634,7 +635,7 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
     head.append("checker")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     labels_shown = {"fp32": "fp32 original", "ours": "ModelPress", "theirs": sec["theirs"]}
-    rss_note = {"fp32": "", "ours": " (whole job)", "theirs": sec["rss_note"]}
+    rss_note = {"fp32": "", "ours": " (compress process)", "theirs": sec["rss_note"]}
     for key, row in rows.items():
         if "error" in row and "size" not in row:
             word = "refused" if row.get("refused") else "failed"
@@ -698,7 +699,7 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
         line += " Refused the model with a reason: " + ", ".join(refused) + "."
     walls = []
     if o.get("wall_s") is not None:
-        walls.append(f"ModelPress `compress` {o['wall_s']:.2f} s (with its evaluation)")
+        walls.append(f"ModelPress `compress --no-eval` {o['wall_s']:.2f} s")
     if t.get("wall_s") is not None:
         walls.append(f"{them} {t['wall_s']:.2f} s (with interpreter start and imports)")
     if walls:
@@ -730,20 +731,20 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "For each model, ModelPress's `quantize_int8_dynamic` pass and ONNX Runtime's own Python tool "
             "quantize the same fp32 file with the same settings: int8 weights (`QInt8`), per tensor "
             "(`per_channel` false), dynamic activations, MatMul/Gemm only. ModelPress: "
-            "`modelpress compress MODEL --recipe '[{\"pass\":\"quantize_int8_dynamic\",\"per_channel\":false}]' "
-            "--out DIR` (release build). ORT: `onnxruntime.quantization.quantize_dynamic(MODEL, OUT, "
+            "`modelpress compress MODEL --no-eval --recipe '[{\"pass\":\"quantize_int8_dynamic\",\"per_channel\":false}]' "
+            "--out DIR` (release build; `--no-eval` runs the passes alone and writes `passes.json` instead of "
+            "measuring both models, since this harness measures them itself). ORT: `onnxruntime.quantization.quantize_dynamic(MODEL, OUT, "
             f"weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize={OP_TYPES})` "
             f"(onnxruntime {ort_version}; `op_types_to_quantize` restricts it to ModelPress's op set; no "
             "`quant_pre_process`), in a child process of its own. ORT's tool only quantizes a MatMul whose "
             "weight is an initializer; weights held in `Constant` nodes (as in the PaddleOCR exports) are "
             "left alone unless `quant_pre_process` first folds them into initializers. "
             "**Pass ms** is the quantization step alone, file in to file out: for ModelPress the pass's own "
-            "timing from its report (`passes[0].duration_ms`), since `compress` has no flag to skip the "
-            "evaluation it runs afterwards; for ORT a timer around the `quantize_dynamic(...)` call inside "
+            "timing (`passes[0].duration_ms` in `passes.json`); for ORT a timer around the `quantize_dynamic(...)` call inside "
             "its child (imports and interpreter start excluded). Both are one cold run. "
-            "**Peak RSS** is not like for like: for ModelPress it is the whole job process "
-            "(`environment.peak_memory_bytes`: load, pass, *and* its ONNX Runtime evaluation of both models); "
-            "for ORT it is the child's own VmHWM (`/proc/self/status`) after the call, which includes the "
+            "**Peak RSS** is each tool's whole process: for ModelPress the `compress --no-eval` process's "
+            "VmHWM (`peak_memory_bytes` in `passes.json`: ONNX Runtime's library loaded, the model read, the "
+            "pass, the write); for ORT it is the child's own VmHWM (`/proc/self/status`) after the call, which includes the "
             f"Python interpreter and the onnxruntime/onnx imports ({base_mib} for a child that only imports "
             "them). Both tools are started through a small `sh`, since a process's `getrusage` peak survives "
             "`execve` and would otherwise start at this harness's own. "
@@ -766,7 +767,7 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "For each model, ModelPress's `quantize_int4_weight_only` pass and ONNX Runtime's own Python "
             f"tool quantize the same fp32 file the same way: MatMul weights to 4 bits in blocks of {INT4_BLOCK} "
             "along K, symmetric (no zero points), round to nearest, stored in `com.microsoft.MatMulNBits` "
-            "nodes; activations stay float32. ModelPress: `modelpress compress MODEL --recipe "
+            "nodes; activations stay float32. ModelPress: `modelpress compress MODEL --no-eval --recipe "
             f"'[{{\"pass\":\"quantize_int4_weight_only\",\"block_size\":{INT4_BLOCK},\"symmetric\":true}}]' "
             "--out DIR`. ORT: `quant = onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer("
             f"MODEL, block_size={INT4_BLOCK}, is_symmetric=True)`, `quant.process()`, "
@@ -791,7 +792,7 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "(QuantizeLinear → DequantizeLinear pairs around each quantized node, which ONNX Runtime fuses "
             "into its integer kernels when it loads the model), int8 weights per tensor, uint8 activations "
             f"with a zero point, ranges by min/max, {'/'.join(STATIC_OPS)} only. ModelPress: `modelpress "
-            "compress MODEL --recipe '[{\"pass\":\"quantize_int8_static\",\"calibration\":\"minmax\","
+            "compress MODEL --no-eval --recipe '[{\"pass\":\"quantize_int8_static\",\"calibration\":\"minmax\","
             "\"per_channel\":false}]' --out DIR --dataset DATA.npz` (plus `--task classification` for the "
             "digits MLP, whose `DATA.npz` is `tests/fixtures/digits/test.npz`; for the real models "
             f"`DATA.npz` holds {CAL_SAMPLES} seeded uniform [0,1) float32 samples, NumPy seed {CAL_SEED}, under "
@@ -799,7 +800,7 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             f"dynamic batch axis; for the transformer encoder, {CAL_SAMPLES} seeded int64 token ids in "
             f"[{TOKEN_IDS[0]}, {TOKEN_IDS[1]}) shaped [N, 16] under `input_ids`, read the same way). The job calibrates on its deterministic calibration split (20% of the "
             "samples, seed 42, from the configuration; the other 80% are its own evaluation) one sample at "
-            "a time. ORT: `onnxruntime.quantization.quantize_static(MODEL, OUT, reader, "
+            "a time (with `--no-eval` it still splits the dataset the same way, and only calibrates). ORT: `onnxruntime.quantization.quantize_static(MODEL, OUT, reader, "
             "quant_format=QuantFormat.QDQ, per_channel=False, activation_type=QuantType.QUInt8, "
             "weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, "
             f"op_types_to_quantize={STATIC_OPS})` (onnxruntime {ort_version}; its defaults otherwise; no "
@@ -810,13 +811,13 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "`compress` with the same recipe once on a probe model that splits its input row into N "
             "one-element branches, each through a MatMul of its own, with a dataset whose sample i is row i "
             "of the identity; branch i gets a nonzero range exactly when sample i was calibrated on (the "
-            "split depends on N alone, and the count read back is checked against the real job's report). "
+            "split depends on N alone, and the count read back is checked against what the real run reports in `passes.json`). "
             "**Pass ms** includes calibration for both: ModelPress's `passes[0].duration_ms` (it "
             "reads its calibration samples and runs them through ONNX Runtime inside the pass); for ORT a "
             "timer around building the reader (loading its .npz of calibration samples) and the "
             "`quantize_static(...)` call, which writes an augmented model, runs ONNX Runtime on every sample "
-            "and quantizes. Peak RSS (with the same caveats: ModelPress's is the whole job, its evaluation "
-            f"included; ORT's child is {base_mib} once it has only imported onnxruntime, onnx and NumPy), the "
+            "and quantizes. Peak RSS (with the same caveats: ModelPress's is the `compress --no-eval` process, "
+            f"its calibration runs included; ORT's child is {base_mib} once it has only imported onnxruntime, onnx and NumPy), the "
             "harness's inputs, p50, cosine, top-1 agreement, accuracy, the checker and both flags are "
             "measured exactly as in the int8 dynamic section above; the harness's own evaluation inputs are "
             f"the same seeded samples as there (NumPy seed {SEED}), not the calibration samples. **Quantized "
@@ -836,7 +837,7 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
         "For each model, ModelPress's `fp16` pass and onnxconverter-common's converter turn the same fp32 "
         "file's weights and activations into float16, keeping float32 graph inputs and outputs (Casts at "
         "the edges) and running their block-listed operators in float32 between Casts. ModelPress: "
-        "`modelpress compress MODEL --recipe '[{\"pass\":\"fp16\"}]' --out DIR` (`keep_io_types` defaults "
+        "`modelpress compress MODEL --no-eval --recipe '[{\"pass\":\"fp16\"}]' --out DIR` (`keep_io_types` defaults "
         "to true; its default block list keeps reductions, normalizations, Softmax, Resize, Pow and a few "
         "others in float32, and it refuses, with the reason, a model with control flow or an operator "
         "whose types it cannot tell). onnxconverter-common: `onnx.save(onnxconverter_common.float16."

@@ -96,6 +96,10 @@ enum Command {
         /// All evaluation options as JSON (what a worker passes); overrides the flags above.
         #[arg(long, hide = true)]
         evaluation: Option<String>,
+        /// Only run the recipe's passes: write model.onnx and passes.json (each pass's time and
+        /// notes, this process's peak memory) without measuring either model. Not with --goal.
+        #[arg(long, conflicts_with = "goal")]
+        no_eval: bool,
     },
     /// Hold inference sessions for the API: length-prefixed requests on stdin, replies on stdout.
     /// The API starts these itself (`[inference]` in the configuration).
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             label_key,
             provider,
             evaluation,
+            no_eval,
         } => {
             let options = match evaluation {
                 Some(json) => serde_json::from_str(&json).map_err(|e| format!("--evaluation: {e}")),
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
                     &out,
                     job_id,
                     events,
+                    no_eval,
                     &options,
                     dataset.as_deref(),
                 ),
@@ -352,6 +358,7 @@ fn compress(
     out: &std::path::Path,
     job_id: Option<uuid::Uuid>,
     events: bool,
+    no_eval: bool,
     options: &EvaluationOptions,
     dataset: Option<&std::path::Path>,
 ) -> ExitCode {
@@ -439,6 +446,29 @@ fn compress(
         options: &options,
         ..input
     };
+    if no_eval {
+        return match pipeline::transform(input, &mut progress) {
+            Ok(done) => {
+                if events {
+                    Event::Done.emit();
+                } else {
+                    for p in &done.passes {
+                        println!("{}: {:.1} ms; {}", p.pass, p.duration_ms, p.notes.join("; "));
+                    }
+                    for w in &done.warnings {
+                        println!("warning: {w}");
+                    }
+                    println!(
+                        "wrote {} and {} (not evaluated)",
+                        out.join(pipeline::MODEL_ARTIFACT).display(),
+                        out.join(pipeline::PASSES_ARTIFACT).display()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e.code(), e.to_string(), e.retryable()),
+        };
+    }
     let result = match &goal {
         Some(goal) => {
             let mut on_candidate = |c: &modelpress::advisor::CandidateRecord| {

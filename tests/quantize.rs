@@ -695,3 +695,52 @@ fn static_int8_quantizes_attention_matmuls_between_two_activations() {
     run(&model, recipe(false), dir.path()).unwrap();
     assert_eq!(count(&dir.path().join("out/model.onnx")), 0);
 }
+
+/// `compress --no-eval` runs the passes alone: the same model a measured run writes, byte for byte,
+/// plus `passes.json` with each pass's record, and no report (nothing was measured).
+#[test]
+fn compress_without_evaluation_writes_the_same_model_and_only_the_pass_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("mlp.onnx");
+    std::fs::write(&input, modelpress::onnx::encode(&builder::tiny_mlp(11))).unwrap();
+    let recipe = json!([{"pass": "quantize_int8_static"}, {"pass": "quantize_int4_weight_only"}]);
+    let out = dir.path().join("bare");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .args([
+            "compress",
+            input.to_str().unwrap(),
+            "--no-eval",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--recipe", &recipe.to_string()])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        !out.join("report.json").exists(),
+        "--no-eval measured nothing, so it writes no report"
+    );
+    let passes: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("passes.json")).unwrap()).unwrap();
+    let names: Vec<&str> = passes["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pass"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["quantize_int8_static", "quantize_int4_weight_only"]);
+    assert_eq!(
+        passes["calibration_samples"], 32,
+        "synthetic calibration without a dataset"
+    );
+    assert!(passes["peak_memory_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(passes["passes"][0]["duration_ms"].as_f64().unwrap() > 0.0);
+    common::onnx_checker(&out.join("model.onnx"));
+
+    let measured = run(&builder::tiny_mlp(11), recipe, &dir.path().join("measured")).unwrap();
+    assert_eq!(measured.passes.len(), 2);
+    assert_eq!(
+        std::fs::read(out.join("model.onnx")).unwrap(),
+        std::fs::read(dir.path().join("measured/out/model.onnx")).unwrap()
+    );
+}

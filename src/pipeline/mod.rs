@@ -97,6 +97,46 @@ pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, P
     Ok(report)
 }
 
+/// Name of what [`transform`] writes beside `model.onnx` instead of a report.
+pub const PASSES_ARTIFACT: &str = "passes.json";
+
+/// What a transform-only run did: the passes' own records, with no measurement.
+#[derive(Debug, Serialize)]
+pub struct Transformed {
+    pub recipe: Recipe,
+    pub passes: Vec<PassRecord>,
+    pub warnings: Vec<String>,
+    /// Samples the calibrating passes could draw from (0 when no pass calibrates).
+    pub calibration_samples: u64,
+    /// Peak RSS of this process: parse, passes and write, nothing else.
+    pub peak_memory_bytes: u64,
+}
+
+/// Runs the recipe's passes and writes `model.onnx` and `passes.json`, without loading either model
+/// in ONNX Runtime to measure it: for callers that evaluate elsewhere (and for benchmarks, so a
+/// pass's time and memory are its own, not those of an evaluation around it). Calibrating passes
+/// still run the model in ONNX Runtime on their samples, as they must.
+pub fn transform(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Transformed, PipelineError> {
+    let calibrating = input.recipe.0.iter().any(|p| p.build().calibrates());
+    let prepared = Prepared::prepare(&input, calibrating, false, &mut *progress)?;
+    let result_path = input.out_dir.join(MODEL_ARTIFACT);
+    let applied = prepared.apply(input.recipe, &result_path, &mut *progress, (10.0, 90.0))?;
+    if input.recipe.0.iter().any(|p| p.build().ships_zstd_copy()) {
+        write_zstd(&result_path, &input.out_dir.join(ZSTD_ARTIFACT))?;
+    }
+    let calibration_samples = prepared.calibration().map_or(0, |c| c.len() as u64);
+    let transformed = Transformed {
+        recipe: applied.recipe,
+        passes: applied.passes,
+        warnings: applied.warnings,
+        calibration_samples,
+        peak_memory_bytes: peak_memory_bytes(),
+    };
+    write_json(&input.out_dir.join(PASSES_ARTIFACT), &transformed)?;
+    progress("done", 100.0);
+    Ok(transformed)
+}
+
 /// Writes `report.json` and `report.html` into `out_dir`.
 pub fn write_report(out_dir: &Path, report: &Report) -> Result<(), PipelineError> {
     write_json(&out_dir.join(REPORT_ARTIFACT), report)?;
@@ -132,6 +172,17 @@ impl<'a> Prepared<'a> {
     /// `calibrating`: set aside the calibration split (and draw calibration samples) even if the
     /// first recipe does not need them, so later recipes measure on the same evaluation split.
     pub fn new(input: &'a PipelineInput<'a>, calibrating: bool, progress: Progress<'_>) -> Result<Self, PipelineError> {
+        Self::prepare(input, calibrating, true, progress)
+    }
+
+    /// `load_in_ort`: check up front that ONNX Runtime loads the original (every run that measures
+    /// does; a transform-only run leaves that to its caller).
+    fn prepare(
+        input: &'a PipelineInput<'a>,
+        calibrating: bool,
+        load_in_ort: bool,
+        progress: Progress<'_>,
+    ) -> Result<Self, PipelineError> {
         let PipelineInput {
             runtime,
             model,
@@ -158,9 +209,11 @@ impl<'a> Prepared<'a> {
             original_size += size(&model_dir.join(file))?;
         }
         // Load in ORT before any pass runs, so "ORT cannot load this model" is reported as such.
-        runtime
-            .session(model, eval.threads)
-            .map_err(|e| PipelineError::ModelLoad(e.to_string()))?;
+        if load_in_ort {
+            runtime
+                .session(model, eval.threads)
+                .map_err(|e| PipelineError::ModelLoad(e.to_string()))?;
+        }
 
         // Passes see a self-contained copy: external data is pulled into the model (and written out
         // again beside the copy only if the model would not fit in one protobuf), so a pass's output
