@@ -11,7 +11,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{Weight, int_attr, node_of, sanitize, skipped_notes, tensor, weight_of};
+use super::weights::{
+    REDUCED_QMAX, Weight, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes, tensor,
+    weight_of,
+};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -32,6 +35,10 @@ pub struct DynamicParams {
     /// Node names to leave in float.
     #[serde(default)]
     pub exclude_nodes: Vec<String>,
+    /// int8 weights in 7 bits, so ONNX Runtime's AVX2 kernels cannot saturate; unset: yes on a CPU
+    /// without VNNI (see [`super::weights::reduce_range_by_default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_range: Option<bool>,
 }
 
 impl Default for DynamicParams {
@@ -40,6 +47,7 @@ impl Default for DynamicParams {
             per_channel: false,
             op_types: default_ops(),
             exclude_nodes: Vec::new(),
+            reduce_range: None,
         }
     }
 }
@@ -90,6 +98,8 @@ impl Pass for QuantizeDynamic {
         let mut names = NameGen::new(graph);
         let excluded: HashSet<&str> = self.0.exclude_nodes.iter().map(String::as_str).collect();
         let wanted: HashSet<&str> = self.0.op_types.iter().map(String::as_str).collect();
+        let reduce = self.0.reduce_range.unwrap_or_else(reduce_range_by_default);
+        let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
 
         let mut out = PassOutput::default();
         let mut skipped: HashMap<String, usize> = HashMap::new();
@@ -117,7 +127,7 @@ impl Pass for QuantizeDynamic {
                 }
             };
             let w_name = node.input[1].clone();
-            let (q, scales) = quantize(&weight, self.0.per_channel);
+            let (q, scales) = quantize(&weight, self.0.per_channel, qmax);
             let base = sanitize(&w_name);
             let q_name = names.fresh(&format!("{base}_quantized"));
             let scale_name = names.fresh(&format!("{base}_scale"));
@@ -225,6 +235,9 @@ impl Pass for QuantizeDynamic {
                 "per tensor"
             }
         ));
+        if quantized > 0 {
+            out.notes.push(range_note(reduce, self.0.reduce_range));
+        }
         out.notes.extend(skipped);
         external::save(&model, output, None).map_err(|e| err(e.to_string()))?;
         Ok(out)
@@ -232,8 +245,9 @@ impl Pass for QuantizeDynamic {
 }
 
 /// Symmetric int8 in [-127, 127]: q = round(w / scale), scale = max|w| / 127 (1 for all-zero).
-fn quantize(w: &Weight, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
-    let scale_of = |max: f32| if max > 0.0 { max / 127.0 } else { 1.0 };
+/// Symmetric int8 codes in [-qmax, qmax] and their scales.
+fn quantize(w: &Weight, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
+    let scale_of = |max: f32| if max > 0.0 { max / qmax } else { 1.0 };
     let scales: Vec<f32> = if per_channel {
         (0..w.n)
             .map(|c| scale_of((0..w.k).map(|r| w.values[r * w.n + c].abs()).fold(0.0, f32::max)))
@@ -247,7 +261,7 @@ fn quantize(w: &Weight, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
         .enumerate()
         .map(|(i, &v)| {
             let s = if per_channel { scales[i % w.n] } else { scales[0] };
-            (v / s).round().clamp(-127.0, 127.0) as i8
+            (v / s).round().clamp(-qmax, qmax) as i8
         })
         .collect();
     (q, scales)
@@ -264,13 +278,13 @@ mod tests {
             n: 3,
             values: vec![1.0, -0.5, 0.0, -2.0, 0.25, 0.0],
         };
-        let (q, s) = quantize(&w, false);
+        let (q, s) = quantize(&w, false, 127.0);
         assert_eq!(s, vec![2.0 / 127.0]);
         assert_eq!(q[3], -127);
         for (v, q) in w.values.iter().zip(&q) {
             assert!((v - *q as f32 * s[0]).abs() <= s[0] / 2.0 + 1e-7);
         }
-        let (q, s) = quantize(&w, true);
+        let (q, s) = quantize(&w, true, 127.0);
         assert_eq!(s, vec![2.0 / 127.0, 0.5 / 127.0, 1.0]);
         assert_eq!(
             (q[1], q[2], q[5]),

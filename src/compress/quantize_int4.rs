@@ -83,37 +83,56 @@ struct Packed {
 /// Quantizes `w` ([K, N]) column by column in blocks of `block` along K; the last block is padded
 /// with values that decode to exactly zero.
 fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
-    let blocks = w.k.div_ceil(block);
-    let mut codes = vec![0u8; w.n * blocks * block / 2];
-    let mut scales = vec![0f32; w.n * blocks];
+    let (k, n) = (w.k, w.n);
+    let blocks = k.div_ceil(block);
+    let mut codes = vec![0u8; n * blocks * block / 2];
+    let mut scales = vec![0f32; n * blocks];
     let zp_bytes = blocks.div_ceil(2);
-    let mut zero_points = (!symmetric).then(|| vec![0u8; w.n * zp_bytes]);
-    for col in 0..w.n {
-        for b in 0..blocks {
-            let rows = (b * block)..((b + 1) * block).min(w.k);
-            let values: Vec<f32> = rows.clone().map(|r| w.values[r * w.n + col]).collect();
-            let (scale, zp) = if symmetric {
-                // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses all
-                // 16 levels where absmax/7 would waste one (values at the other extreme saturate
-                // at +7, at most one step off). ONNX Runtime's MatMulNBits quantizer does the same.
-                let extreme = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                (if extreme != 0.0 { extreme / -8.0 } else { 1.0 }, 8u8)
-            } else {
-                let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-                let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
-                (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
-            };
-            scales[col * blocks + b] = scale;
-            if let Some(z) = zero_points.as_mut() {
-                z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
+    let mut zero_points = (!symmetric).then(|| vec![0u8; n * zp_bytes]);
+    // A block runs down a column; reading it straight from [K, N] strides N floats per value (a
+    // cache miss each on large weights), and a transposed copy costs as much memory as the weight.
+    // Instead, gather COLS columns of one block at a time: each row of that tile is one cache line.
+    const COLS: usize = 16;
+    let mut tile = vec![0f32; COLS * block];
+    let mut q = vec![0u8; block];
+    for b in 0..blocks {
+        let rows = (b * block)..((b + 1) * block).min(k);
+        let len = rows.len();
+        for c0 in (0..n).step_by(COLS) {
+            let width = COLS.min(n - c0);
+            for (i, r) in rows.clone().enumerate() {
+                for (j, &v) in w.values[r * n + c0..r * n + c0 + width].iter().enumerate() {
+                    tile[j * block + i] = v;
+                }
             }
-            for i in 0..block {
-                let code = match values.get(i) {
-                    Some(&v) => ((v / scale).round() + zp as f32).clamp(0.0, 15.0) as u8,
-                    None => zp,
+            for j in 0..width {
+                let col = c0 + j;
+                let values = &tile[j * block..j * block + len];
+                let (scale, zp) = if symmetric {
+                    // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses
+                    // all 16 levels where absmax/7 would waste one (values at the other extreme
+                    // saturate at +7, at most one step off). ONNX Runtime's quantizer does the same.
+                    let extreme = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    (if extreme != 0.0 { extreme / -8.0 } else { 1.0 }, 8u8)
+                } else {
+                    let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                    let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+                    (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
                 };
-                let byte = (col * blocks + b) * block / 2 + i / 2;
-                codes[byte] |= code << (4 * (i % 2));
+                scales[col * blocks + b] = scale;
+                if let Some(z) = zero_points.as_mut() {
+                    z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
+                }
+                let zp_f = zp as f32;
+                for (code, &v) in q.iter_mut().zip(values) {
+                    *code = (round_half_away(v / scale) + zp_f).clamp(0.0, 15.0) as u8;
+                }
+                // The padding of a last, short block decodes to exactly zero.
+                q[len..].fill(zp);
+                let start = (col * blocks + b) * block / 2;
+                for (byte, pair) in codes[start..start + block / 2].iter_mut().zip(q.chunks_exact(2)) {
+                    *byte = pair[0] | (pair[1] << 4);
+                }
             }
         }
     }
@@ -122,6 +141,24 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
         scales,
         zero_points,
         blocks,
+    }
+}
+
+/// `x.round()` (halves away from zero) for the small values codes come from. `f32::round` is a
+/// call into libm on baseline x86-64 (no SSE4.1), the larger part of packing a big weight; this is
+/// a truncating conversion and a compare. Exact wherever |x| < 2^31, which the clamp that
+/// follows makes moot beyond ±16.
+#[inline]
+fn round_half_away(x: f32) -> f32 {
+    let x = x.clamp(-1e9, 1e9);
+    let t = x as i32 as f32;
+    let d = x - t;
+    if d >= 0.5 {
+        t + 1.0
+    } else if d <= -0.5 {
+        t - 1.0
+    } else {
+        t
     }
 }
 
@@ -258,6 +295,51 @@ mod tests {
         };
         let _ = w;
         (code as f32 - zp as f32) * p.scales[col * p.blocks + b]
+    }
+
+    #[test]
+    fn rounding_matches_f32_round() {
+        for i in -40_000..40_000 {
+            let x = i as f32 / 1000.0;
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+        for x in [0.5, -0.5, 1.5, -1.5, 2.5, 0.49999997, -0.49999997, 8388607.5, 1e9, -1e9] {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+    }
+
+    /// Element by element, straight from the definition: block b of column c holds rows
+    /// b*block.. of that column; code = round(v / scale) + zp, clamped to 0..=15.
+    #[test]
+    fn packing_matches_the_definition_element_by_element() {
+        let (k, n, block) = (100, 37, 32); // several tiles, a short last block, odd N
+        let values: Vec<f32> = (0..k * n)
+            .map(|i| (((i * 7919) % 1013) as f32 - 500.0) / 97.0)
+            .collect();
+        let w = Weight { k, n, values };
+        for symmetric in [true, false] {
+            let p = pack(&w, block, symmetric);
+            for col in 0..n {
+                for b in 0..p.blocks {
+                    let rows: Vec<f32> = (b * block..((b + 1) * block).min(k))
+                        .map(|r| w.values[r * n + col])
+                        .collect();
+                    let scale = p.scales[col * p.blocks + b];
+                    let zp = match &p.zero_points {
+                        Some(z) => (z[col * p.blocks.div_ceil(2) + b / 2] >> (4 * (b % 2))) & 0xf,
+                        None => 8,
+                    };
+                    for i in 0..block {
+                        let byte = p.codes[(col * p.blocks + b) * block / 2 + i / 2];
+                        let code = (byte >> (4 * (i % 2))) & 0xf;
+                        let want = rows
+                            .get(i)
+                            .map_or(zp, |v| ((v / scale).round() + zp as f32).clamp(0.0, 15.0) as u8);
+                        assert_eq!(code, want, "column {col}, block {b}, element {i}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{constant, int_attr, node_of, sanitize, skipped_notes, tensor};
+use super::weights::{
+    REDUCED_QMAX, constant, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes, tensor,
+};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::TensorData;
 use crate::eval::session::PreparedInputs;
@@ -64,6 +66,11 @@ pub struct StaticParams {
     /// ONNX Runtime's `quantize_static` does.
     #[serde(default = "default_true")]
     pub activation_matmuls: bool,
+    /// int8 weights in 7 bits, so ONNX Runtime's AVX2 kernels (uint8 activations × int8 weights)
+    /// cannot saturate; unset: yes on a CPU without VNNI. Only for `symmetric_weights` (uint8
+    /// weights go through kernels that do not saturate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce_range: Option<bool>,
 }
 
 fn default_true() -> bool {
@@ -288,6 +295,7 @@ impl Pass for QuantizeStatic {
         }
 
         // 4. Weights (int8, symmetric) and biases (int32 at input scale × weight scale).
+        let reduce = p.reduce_range.unwrap_or_else(reduce_range_by_default);
         let mut weights = 0u64;
         for t in &targets {
             let node = graph.node[t.node].clone();
@@ -297,7 +305,8 @@ impl Pass for QuantizeStatic {
             let values = floats(&w);
             let channels = w.dims[t.channel_axis] as usize;
             let (q, scales, zero_points, weight_type) = if p.symmetric_weights {
-                let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel);
+                let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
+                let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel, qmax);
                 let zeros = vec![0u8; s.len()];
                 (
                     q.iter().map(|&v| v as u8).collect::<Vec<u8>>(),
@@ -410,6 +419,9 @@ impl Pass for QuantizeStatic {
                 activation_matmuls.len()
             ));
         }
+        if p.symmetric_weights && !targets.is_empty() {
+            out.notes.push(range_note(reduce, p.reduce_range));
+        }
         out.notes.extend(skipped);
         out.notes.extend(upgrade_note);
         if calibration.is_synthetic() {
@@ -491,12 +503,12 @@ fn floats(t: &TensorProto) -> Vec<f32> {
 }
 
 /// Symmetric int8 weights; per channel along `axis` of `dims` or one scale for the tensor.
-fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
+fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     let inner: usize = dims[axis + 1..].iter().product();
     let channels = dims[axis];
     let channel_of = |i: usize| (i / inner) % channels;
-    let scale_of = |m: f32| if m > 0.0 { m / 127.0 } else { 1.0 };
+    let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
     let scales: Vec<f32> = if per_channel {
         let mut maxes = vec![0f32; channels];
         for (i, v) in values.iter().enumerate() {
@@ -512,7 +524,7 @@ fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool)
         .enumerate()
         .map(|(i, v)| {
             let s = if per_channel { scales[channel_of(i)] } else { scales[0] };
-            (v / s).round().clamp(-127.0, 127.0) as i8
+            (v / s).round().clamp(-qmax, qmax) as i8
         })
         .collect();
     (q, scales)
@@ -713,11 +725,11 @@ mod tests {
     #[test]
     fn per_channel_weights_use_one_scale_per_output_channel() {
         // A Conv weight [2, 1, 1, 2]: channel 0 = [1, -2], channel 1 = [0.5, 0.25].
-        let (q, s) = quantize_weight(&[1.0, -2.0, 0.5, 0.25], &[2, 1, 1, 2], 0, true);
+        let (q, s) = quantize_weight(&[1.0, -2.0, 0.5, 0.25], &[2, 1, 1, 2], 0, true, 127.0);
         assert_eq!(s, vec![2.0 / 127.0, 0.5 / 127.0]);
         assert_eq!(q, vec![64, -127, 127, 64]);
         // A MatMul weight [2, 2] quantized along axis 1 (columns).
-        let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true);
+        let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true, 127.0);
         assert_eq!(s, vec![3.0 / 127.0, 0.5 / 127.0]);
     }
 

@@ -147,3 +147,38 @@ pub fn sanitize(name: &str) -> String {
         .collect();
     if s.is_empty() { "v".into() } else { s }
 }
+
+/// Largest int8 weight magnitude when the range is reduced to 7 bits.
+pub const REDUCED_QMAX: f32 = 64.0;
+
+/// Whether int8 weights should use 7 bits (`reduce_range`) when a recipe leaves it unset.
+///
+/// ONNX Runtime's x86 kernels for uint8 activations × int8 weights multiply with AVX2's
+/// `vpmaddubsw`, which adds two products into a saturating int16: 255 × 127 × 2 overflows it, so
+/// full-range weights come out wrong on CPUs without VNNI (measured here on an AVX2-only EPYC: the
+/// digits MLP's cosine to fp32 fell from 0.9999 to 0.98). With weights in [-64, 64] the sum fits.
+/// VNNI CPUs add in int32 and keep the eighth bit; other architectures do not have the problem.
+pub fn reduce_range_by_default() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !(std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The note a pass adds about the weight range it used, and why.
+pub fn range_note(reduce: bool, asked: Option<bool>) -> String {
+    match (reduce, asked) {
+        (true, Some(true)) => "int8 weights in 7 bits (reduce_range: true)".into(),
+        (false, Some(false)) => "int8 weights in the full 8 bits (reduce_range: false)".into(),
+        (true, _) => "int8 weights in 7 bits: this CPU has no VNNI, and ONNX Runtime's AVX2 int8 kernels saturate \
+                      with full-range weights (reduce_range unset; set it to false for VNNI-only deployments)"
+            .into(),
+        (false, _) => "int8 weights in the full 8 bits: this CPU has VNNI (reduce_range unset; set it to true if the \
+                       model will run on AVX2 CPUs without VNNI)"
+            .into(),
+    }
+}

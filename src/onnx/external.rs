@@ -218,7 +218,7 @@ pub fn save(model: &ModelProto, path: &Path, min_bytes: Option<u64>) -> Result<(
         None => None,
     };
     let Some(threshold) = threshold else {
-        return std::fs::write(path, super::encode(model)).map_err(io(path));
+        return super::sink::write(model, path).map_err(io(path));
     };
     let file_name = path
         .file_name()
@@ -242,7 +242,7 @@ pub fn save(model: &ModelProto, path: &Path, min_bytes: Option<u64>) -> Result<(
         Ok(())
     })?;
     data.flush().map_err(io(&data_path))?;
-    std::fs::write(path, super::encode(&model)).map_err(io(path))
+    super::sink::write(&model, path).map_err(io(path))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod domains;
 pub mod dtype;
 pub mod external;
 pub mod graph;
+pub mod sink;
 pub mod summary;
 pub mod tensor;
 pub mod upgrade;
@@ -139,8 +140,30 @@ pub fn read(path: &Path) -> Result<ModelProto> {
     decode_shared(bytes.into())
 }
 
-/// Reads, decodes and validates a model file, and checks its external data files (if any) in the
-/// model's folder.
+/// Maps a model file into memory and decodes it over the mapping: weights are neither copied nor
+/// read until a pass touches them, so loading costs the graph's size, not the file's.
+///
+/// Only for job processes, which own their input files: were a file truncated while mapped, reading
+/// past its new end would kill the process with SIGBUS (a job attempt that is then retried; never the
+/// API, which uses [`read`]).
+pub fn read_mapped(path: &Path) -> Result<ModelProto> {
+    let io = |source| OnnxError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.len() == 0 {
+        // An empty file cannot be mapped; it decodes (and fails validation) like any other.
+        return decode(&[]);
+    }
+    // SAFETY: the mapping is read-only and lives as long as the `Bytes` that share it; the caveat
+    // on concurrent truncation is documented above.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    decode_shared(bytes::Bytes::from_owner(map))
+}
+
+/// Reads (mapped, see [`read_mapped`]), decodes and validates a model file, and checks its external
+/// data files (if any) in the model's folder.
 pub fn load(path: &Path) -> Result<ModelProto> {
     let model = read(path)?;
     let dir = path
