@@ -165,7 +165,7 @@ pub fn read_mapped(path: &Path) -> Result<ModelProto> {
 /// Reads (mapped, see [`read_mapped`]), decodes and validates a model file, and checks its external
 /// data files (if any) in the model's folder.
 pub fn load(path: &Path) -> Result<ModelProto> {
-    let model = read(path)?;
+    let model = read_mapped(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
