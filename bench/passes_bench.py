@@ -144,7 +144,7 @@ def main() -> None:
             for label, recipe in configs:
                 q.log(f"{name}: {label}")
                 out_dir = tmp / f"{len(rows)}"
-                r = q.ours(path, recipe, out_dir, env, extra)
+                r = q.ours(path, recipe, out_dir, env, extra, evaluate=True)
                 rows[label] = r
                 if "error" not in r:
                     report = json.loads((out_dir / "report.json").read_text())

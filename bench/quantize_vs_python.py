@@ -247,9 +247,12 @@ def run_measured(cmd: list, env=None) -> tuple:
 REFUSAL_CODES = {"pass_failed", "non_finite_output"}
 
 
-def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = ()) -> dict:
-    """ModelPress's `compress`, one model; `extra`: more arguments (`--dataset ...`)."""
-    cmd = [str(BIN), "compress", str(model), "--no-eval", "--recipe", json.dumps(recipe), "--out", str(out_dir), *extra]
+def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = (), evaluate: bool = False) -> dict:
+    """ModelPress's `compress`, one model; `extra`: more arguments (`--dataset ...`). Without
+    `evaluate`, `--no-eval`: the passes alone, their records in passes.json; with it, the whole job
+    and its report.json (for callers that read the report's own measurements)."""
+    cmd = [str(BIN), "compress", str(model), *([] if evaluate else ["--no-eval"]), "--recipe", json.dumps(recipe),
+           "--out", str(out_dir), *extra]
     rc, stdout, stderr, wall = run_measured(cmd, env)
     if rc != 0:
         # The job's error: a JSON error event on stdout (`--events`, the worker protocol) or, as here
@@ -276,8 +279,15 @@ def ours(model: Path, recipe: list, out_dir: Path, env: dict, extra: tuple = ())
         if code in REFUSAL_CODES:
             return {"error": short(msg if code == "pass_failed" else f"{code}: {msg}", 200), "refused": True}
         return {"error": short(f"{code}: {msg}", 200)}
-    # --no-eval: the passes alone, no evaluation around them; their records are in passes.json.
-    done = json.loads((out_dir / "passes.json").read_text())
+    if evaluate:
+        report = json.loads((out_dir / "report.json").read_text())
+        done = {
+            "passes": report["passes"],
+            "peak_memory_bytes": report["environment"]["peak_memory_bytes"],
+            "calibration_samples": report["evaluation"]["calibration_samples"],
+        }
+    else:
+        done = json.loads((out_dir / "passes.json").read_text())
     return {
         "path": out_dir / "model.onnx",
         "pass_ms": done["passes"][0]["duration_ms"],
