@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
-use modelpress::eval::Runtime;
 use modelpress::eval::dataset::{EvaluationOptions, Task};
+use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::pipeline::{self, PipelineError, PipelineInput};
 use modelpress::service::{self, ServiceOptions};
 use modelpress::worker::events::Event;
@@ -413,10 +413,12 @@ fn compress(
             Err(e) => return fail("invalid_recipe", e, false),
         }
     };
-    let runtime = match Runtime::init(&config.onnxruntime.dylib_path) {
-        Ok(r) => r,
-        Err(e) => return fail("runtime_unavailable", e.to_string(), false),
-    };
+    // A measured run needs ONNX Runtime from the start; say so before any work if it cannot load.
+    // A transform-only run loads it only if one of its passes runs a model.
+    let runtime = LazyRuntime::new(&config.onnxruntime.dylib_path);
+    if !no_eval && let Err(e) = runtime.get() {
+        return fail("runtime_unavailable", e.to_string(), false);
+    }
     let mut progress = |stage: &str, percent: f32| {
         if events {
             Event::Progress {

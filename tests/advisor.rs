@@ -11,8 +11,8 @@ use common::{TestApp, assert_error};
 use modelpress::advisor::{self, AdvisorReport, CandidateStatus, Goal};
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
-use modelpress::eval::Runtime;
 use modelpress::eval::dataset::EvaluationOptions;
+use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::ModelProto;
 use modelpress::onnx::builder::{DimSpec, GraphBuilder};
 use modelpress::onnx::proto::tensor_proto::DataType;
@@ -319,7 +319,7 @@ fn fragile_model() -> ModelProto {
 }
 
 fn search(model: &ModelProto, goal: Value, out: &Path, timed_runs: usize) -> Result<Report, PipelineError> {
-    let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
+    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
     let mut config = Config::defaults();
     config.eval.timed_runs = timed_runs;
     config.eval.warmup_runs = 1;

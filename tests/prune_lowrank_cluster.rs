@@ -11,8 +11,8 @@ use common::TestApp;
 use modelpress::compress::Recipe;
 use modelpress::compress::weight_targets::float_values;
 use modelpress::config::Config;
-use modelpress::eval::Runtime;
 use modelpress::eval::dataset::EvaluationOptions;
+use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::builder::{self, DimSpec, GraphBuilder, attr_int};
 use modelpress::onnx::proto::ModelProto;
 use modelpress::onnx::proto::tensor_proto::DataType;
@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 fn run(model: &ModelProto, recipe: Value, out: &Path) -> Result<Report, PipelineError> {
-    let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
+    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
     let mut config = Config::defaults();
     config.eval.timed_runs = 3;
     config.eval.warmup_runs = 1;

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
-use modelpress::eval::Runtime;
 use modelpress::eval::dataset::{EvaluationOptions, Task};
+use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::ModelProto;
 use modelpress::onnx::builder::{DimSpec, GraphBuilder};
 use modelpress::onnx::proto::tensor_proto::DataType;
@@ -28,7 +28,7 @@ fn run_on(
     dataset: Option<&Path>,
     hold_out: bool,
 ) -> Result<Report, PipelineError> {
-    let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
+    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
     let mut config = Config::defaults();
     config.eval.timed_runs = 3;
     config.eval.warmup_runs = 1;

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use modelpress::compress::Recipe;
 use modelpress::config::Config;
-use modelpress::eval::Runtime;
 use modelpress::eval::dataset::EvaluationOptions;
+use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::builder::{self, DimSpec, GraphBuilder, attr_int};
 use modelpress::onnx::proto::tensor_proto::DataType;
 use modelpress::onnx::proto::{AttributeProto, ModelProto, NodeProto, attribute_proto::AttributeType};
@@ -18,7 +18,7 @@ use modelpress::report::Report;
 use serde_json::json;
 
 fn run(model: &ModelProto, recipe: serde_json::Value, out: &Path) -> Result<Report, PipelineError> {
-    let runtime = Runtime::init("").expect("ONNX Runtime (run `make setup`)");
+    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
     let mut config = Config::defaults();
     config.eval.timed_runs = 3;
     config.eval.warmup_runs = 1;
@@ -736,6 +736,30 @@ fn compress_without_evaluation_writes_the_same_model_and_only_the_pass_records()
     assert!(passes["peak_memory_bytes"].as_u64().unwrap() > 1 << 20);
     assert!(passes["passes"][0]["duration_ms"].as_f64().unwrap() > 0.0);
     common::onnx_checker(&out.join("model.onnx"));
+
+    assert_eq!(passes["onnxruntime_loaded"], true, "calibration runs the model");
+    // Passes that run no model leave ONNX Runtime unloaded (its library is most of the memory).
+    let weights_only = dir.path().join("weights-only");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .args([
+            "compress",
+            input.to_str().unwrap(),
+            "--no-eval",
+            "--out",
+            weights_only.to_str().unwrap(),
+        ])
+        .args([
+            "--recipe",
+            r#"[{"pass": "quantize_int4_weight_only"}, {"pass": "fp16"}]"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let bare: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(weights_only.join("passes.json")).unwrap()).unwrap();
+    assert_eq!(bare["onnxruntime_loaded"], false);
+    assert!(bare["peak_memory_bytes"].as_u64().unwrap() < passes["peak_memory_bytes"].as_u64().unwrap());
+    common::onnx_checker(&weights_only.join("model.onnx"));
 
     let measured = run(&builder::tiny_mlp(11), recipe, &dir.path().join("measured")).unwrap();
     assert_eq!(measured.passes.len(), 2);

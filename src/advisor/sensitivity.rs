@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::compress::weights::is_weight_bearing;
-use crate::eval::Runtime;
+use crate::eval::LazyRuntime;
 use crate::eval::calibration::CalibrationSet;
 use crate::eval::session::PreparedInputs;
 use crate::onnx::graph::{self, GraphIndex};
@@ -71,7 +71,7 @@ fn with_outputs(model: &ModelProto, names: &[String], path: &Path) -> Result<(),
 
 /// Per-layer error contributions of `candidate` against `original`, worst first.
 pub fn rank(
-    runtime: &Runtime,
+    runtime: &LazyRuntime,
     threads: usize,
     original: &Path,
     candidate: &Path,

@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::eval::Runtime;
+use crate::eval::LazyRuntime;
 
 /// One step of a recipe, as the user writes it: `{"pass": "optimize", "level": "extended"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,9 +156,10 @@ impl PassSpec {
     }
 }
 
-/// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling) and scratch space.
+/// What a pass may use: ONNX Runtime (for passes that drive ORT's own tooling, loaded when one
+/// first does) and scratch space.
 pub struct PassContext<'a> {
-    pub runtime: &'a Runtime,
+    pub runtime: &'a LazyRuntime,
     /// The job's original model (self-contained): the teacher passes such as `reconstruct` fit to.
     pub original: &'a Path,
     pub work_dir: &'a Path,

@@ -83,30 +83,96 @@ struct Packed {
 /// Quantizes `w` ([K, N]) column by column in blocks of `block` along K; the last block is padded
 /// with values that decode to exactly zero.
 fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
+    let n = w.n;
+    let blocks = w.k.div_ceil(block);
+    let zp_bytes = blocks.div_ceil(2);
+    let code_bytes = blocks * block / 2;
+    let mut codes = vec![0u8; n * code_bytes];
+    let mut scales = vec![0f32; n * blocks];
+    let mut zero_points = (!symmetric).then(|| vec![0u8; n * zp_bytes]);
+    // Columns are independent and own disjoint runs of every output: large weights are split across
+    // the CPU's threads by column (the result is the same whatever the split).
+    let threads = if w.k * n >= PARALLEL_FROM {
+        std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(n.div_ceil(TILE_COLS))
+    } else {
+        1
+    };
+    let per = n.div_ceil(threads.max(1)).next_multiple_of(TILE_COLS);
+    std::thread::scope(|scope| {
+        let mut codes = codes.as_mut_slice();
+        let mut scales = scales.as_mut_slice();
+        let mut zps = zero_points.as_deref_mut();
+        let mut first = 0;
+        while first < n {
+            let cols = first..(first + per).min(n);
+            let (c, rest) = std::mem::take(&mut codes).split_at_mut(cols.len() * code_bytes);
+            codes = rest;
+            let (s, rest) = std::mem::take(&mut scales).split_at_mut(cols.len() * blocks);
+            scales = rest;
+            let z = match zps.take() {
+                Some(z) => {
+                    let (z, rest) = z.split_at_mut(cols.len() * zp_bytes);
+                    zps = Some(rest);
+                    Some(z)
+                }
+                None => None,
+            };
+            first = cols.end;
+            if first >= n {
+                pack_columns(w, block, symmetric, cols, c, s, z);
+            } else {
+                scope.spawn(move || pack_columns(w, block, symmetric, cols, c, s, z));
+            }
+        }
+    });
+    Packed {
+        codes,
+        scales,
+        zero_points,
+        blocks,
+    }
+}
+
+/// Weights from which packing is spread over threads (below, starting them costs more).
+const PARALLEL_FROM: usize = 1 << 16;
+/// Columns gathered at a time: one block of each is a row of cache lines.
+const TILE_COLS: usize = 16;
+
+/// Packs columns `cols` of `w`; `codes`, `scales` and `zero_points` are those columns' parts of the
+/// outputs (they start at column `cols.start`).
+fn pack_columns(
+    w: &Weight,
+    block: usize,
+    symmetric: bool,
+    cols: std::ops::Range<usize>,
+    codes: &mut [u8],
+    scales: &mut [f32],
+    mut zero_points: Option<&mut [u8]>,
+) {
     let (k, n) = (w.k, w.n);
     let blocks = k.div_ceil(block);
-    let mut codes = vec![0u8; n * blocks * block / 2];
-    let mut scales = vec![0f32; n * blocks];
     let zp_bytes = blocks.div_ceil(2);
-    let mut zero_points = (!symmetric).then(|| vec![0u8; n * zp_bytes]);
     // A block runs down a column; reading it straight from [K, N] strides N floats per value (a
     // cache miss each on large weights), and a transposed copy costs as much memory as the weight.
-    // Instead, gather COLS columns of one block at a time: each row of that tile is one cache line.
-    const COLS: usize = 16;
-    let mut tile = vec![0f32; COLS * block];
+    // Instead, gather TILE_COLS columns of one block at a time: each row of that tile is one cache
+    // line.
+    let mut tile = vec![0f32; TILE_COLS * block];
     let mut q = vec![0u8; block];
     for b in 0..blocks {
         let rows = (b * block)..((b + 1) * block).min(k);
         let len = rows.len();
-        for c0 in (0..n).step_by(COLS) {
-            let width = COLS.min(n - c0);
+        for c0 in cols.clone().step_by(TILE_COLS) {
+            let width = TILE_COLS.min(cols.end - c0);
             for (i, r) in rows.clone().enumerate() {
                 for (j, &v) in w.values[r * n + c0..r * n + c0 + width].iter().enumerate() {
                     tile[j * block + i] = v;
                 }
             }
             for j in 0..width {
-                let col = c0 + j;
+                // Index of this column within the slices handed in.
+                let col = c0 + j - cols.start;
                 let values = &tile[j * block..j * block + len];
                 let (scale, zp) = if symmetric {
                     // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses
@@ -120,7 +186,7 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
                     (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
                 };
                 scales[col * blocks + b] = scale;
-                if let Some(z) = zero_points.as_mut() {
+                if let Some(z) = zero_points.as_deref_mut() {
                     z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
                 }
                 let zp_f = zp as f32;
@@ -135,12 +201,6 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
                 }
             }
         }
-    }
-    Packed {
-        codes,
-        scales,
-        zero_points,
-        blocks,
     }
 }
 
@@ -312,7 +372,13 @@ mod tests {
     /// b*block.. of that column; code = round(v / scale) + zp, clamped to 0..=15.
     #[test]
     fn packing_matches_the_definition_element_by_element() {
-        let (k, n, block) = (100, 37, 32); // several tiles, a short last block, odd N
+        // Small (one thread) and large enough to be split across threads; a short last block, odd N.
+        for (k, n, block) in [(100, 37, 32), (300, 401, 32)] {
+            packing_matches_the_definition(k, n, block);
+        }
+    }
+
+    fn packing_matches_the_definition(k: usize, n: usize, block: usize) {
         let values: Vec<f32> = (0..k * n)
             .map(|i| (((i * 7919) % 1013) as f32 - 500.0) / 97.0)
             .collect();

@@ -11,4 +11,4 @@ pub mod npz;
 pub mod runtime;
 pub mod session;
 
-pub use runtime::{Provider, Runtime, RuntimeError};
+pub use runtime::{LazyRuntime, Provider, Runtime, RuntimeError};

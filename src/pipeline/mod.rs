@@ -14,7 +14,7 @@ use crate::compress::{PassContext, Recipe};
 use crate::config::EvalConfig;
 use crate::eval::calibration::CalibrationSet;
 use crate::eval::dataset::{EvaluationOptions, Task};
-use crate::eval::{Provider, Runtime};
+use crate::eval::{LazyRuntime, Provider};
 use crate::onnx::{self, ModelSummary, external};
 use crate::report::{self, Environment, Measurement, PassRecord, Report};
 
@@ -42,6 +42,8 @@ pub enum PipelineError {
     ProviderUnavailable(String),
     #[error("{0}")]
     NonFinite(String),
+    #[error("{0}")]
+    RuntimeUnavailable(String),
 }
 
 impl PipelineError {
@@ -54,6 +56,7 @@ impl PipelineError {
             PipelineError::Io(_) => "io_error",
             PipelineError::ProviderUnavailable(_) => "cuda_unavailable",
             PipelineError::NonFinite(_) => "non_finite_output",
+            PipelineError::RuntimeUnavailable(_) => "runtime_unavailable",
         }
     }
 
@@ -72,7 +75,8 @@ fn io(context: &str) -> impl Fn(std::io::Error) -> PipelineError + '_ {
 pub type Progress<'a> = &'a mut dyn FnMut(&str, f32);
 
 pub struct PipelineInput<'a> {
-    pub runtime: &'a Runtime,
+    /// Loaded when first needed: a transform-only run of passes that run no model never loads it.
+    pub runtime: &'a LazyRuntime,
     pub model: &'a Path,
     pub recipe: &'a Recipe,
     pub out_dir: &'a Path,
@@ -110,6 +114,9 @@ pub struct Transformed {
     pub calibration_samples: u64,
     /// Peak RSS of this process: parse, passes and write, nothing else.
     pub peak_memory_bytes: u64,
+    /// Whether a pass needed ONNX Runtime (calibration, graph optimization), so that the library
+    /// was loaded into this process and counts in its peak memory.
+    pub onnxruntime_loaded: bool,
 }
 
 /// Runs the recipe's passes and writes `model.onnx` and `passes.json`, without loading either model
@@ -131,6 +138,7 @@ pub fn transform(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Tra
         warnings: applied.warnings,
         calibration_samples,
         peak_memory_bytes: peak_memory_bytes(),
+        onnxruntime_loaded: input.runtime.is_loaded(),
     };
     write_json(&input.out_dir.join(PASSES_ARTIFACT), &transformed)?;
     progress("done", 100.0);
@@ -343,6 +351,9 @@ impl<'a> Prepared<'a> {
             dataset,
             ..
         } = *self.input;
+        let runtime = runtime
+            .get()
+            .map_err(|e| PipelineError::RuntimeUnavailable(e.to_string()))?;
         let Applied {
             recipe,
             passes,
