@@ -696,6 +696,23 @@ fn static_int8_quantizes_attention_matmuls_between_two_activations() {
     assert_eq!(count(&dir.path().join("out/model.onnx")), 0);
 }
 
+/// Runs `modelpress compress --no-eval` on `input` and returns the `passes.json` it wrote to `out`.
+fn compress_no_eval(input: &Path, out: &Path, recipe: &str) -> serde_json::Value {
+    let done = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .args([
+            "compress",
+            input.to_str().unwrap(),
+            "--no-eval",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--recipe", recipe])
+        .output()
+        .unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    serde_json::from_slice(&std::fs::read(out.join("passes.json")).unwrap()).unwrap()
+}
+
 /// `compress --no-eval` runs the passes alone: the same model a measured run writes, byte for byte,
 /// plus `passes.json` with each pass's record, and no report (nothing was measured).
 #[test]
@@ -705,23 +722,11 @@ fn compress_without_evaluation_writes_the_same_model_and_only_the_pass_records()
     std::fs::write(&input, modelpress::onnx::encode(&builder::tiny_mlp(11))).unwrap();
     let recipe = json!([{"pass": "quantize_int8_static"}, {"pass": "quantize_int4_weight_only"}]);
     let out = dir.path().join("bare");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .args([
-            "compress",
-            input.to_str().unwrap(),
-            "--no-eval",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args(["--recipe", &recipe.to_string()])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let passes = compress_no_eval(&input, &out, &recipe.to_string());
     assert!(
         !out.join("report.json").exists(),
         "--no-eval measured nothing, so it writes no report"
     );
-    let passes: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("passes.json")).unwrap()).unwrap();
     let names: Vec<&str> = passes["passes"]
         .as_array()
         .unwrap()
@@ -740,23 +745,11 @@ fn compress_without_evaluation_writes_the_same_model_and_only_the_pass_records()
     assert_eq!(passes["onnxruntime_loaded"], true, "calibration runs the model");
     // Passes that run no model leave ONNX Runtime unloaded (its library is most of the memory).
     let weights_only = dir.path().join("weights-only");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_modelpress"))
-        .args([
-            "compress",
-            input.to_str().unwrap(),
-            "--no-eval",
-            "--out",
-            weights_only.to_str().unwrap(),
-        ])
-        .args([
-            "--recipe",
-            r#"[{"pass": "quantize_int4_weight_only"}, {"pass": "fp16"}]"#,
-        ])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let bare: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(weights_only.join("passes.json")).unwrap()).unwrap();
+    let bare = compress_no_eval(
+        &input,
+        &weights_only,
+        r#"[{"pass": "quantize_int4_weight_only"}, {"pass": "fp16"}]"#,
+    );
     assert_eq!(bare["onnxruntime_loaded"], false);
     assert!(bare["peak_memory_bytes"].as_u64().unwrap() < passes["peak_memory_bytes"].as_u64().unwrap());
     common::onnx_checker(&weights_only.join("model.onnx"));
