@@ -22,7 +22,9 @@ a model is shown as failing, with its error, never dropped.
 
 Environment: ORT_DYLIB_PATH and MODELPRESS_MODELS_DIR as bench/run.sh exports them (found with
 scripts/ort-dylib.sh and scripts/fetch-models.sh when unset). The release binary is (re)built with
-`cargo build --release --bin modelpress` first.
+`cargo build --release --bin modelpress` first. While developing, MP_BENCH_KINDS (e.g. `static,int4`)
+and MP_BENCH_MODELS (substrings of the model names, e.g. `cls,rec`) run part of it; `make bench`
+sets neither.
 """
 
 import json
@@ -52,6 +54,10 @@ CAL_SEED = SEED + 1  # their NumPy seed: not the harness's own evaluation inputs
 RSS_MODEL = "PP-OCR mobile v2.0 cls"  # the model of the calibration-memory table
 RSS_SCALE = 4  # that table's second row: this many times the calibration samples
 STATIC_RECIPE = [{"pass": "quantize_int8_static", "calibration": "minmax", "per_channel": False}]
+# The static section's extra row: every weight uint8 with a zero point, the format ORT's tool gives
+# weights it finds in Constant nodes (it quantizes them as activations).
+STATIC_RECIPE_U8 = [{**STATIC_RECIPE[0], "symmetric_weights": False}]
+U8_LABEL = "ModelPress, `symmetric_weights: false`"
 
 TOKEN_IDS = (0, 256)  # the transformer encoder's inputs: int64 token ids in [0, 256), its vocabulary
 
@@ -681,8 +687,9 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
         head.append("accuracy")
     head.append("checker")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    labels_shown = {"fp32": "fp32 original", "ours": "ModelPress", "theirs": sec["theirs"]}
-    rss_note = {"fp32": "", "ours": " (compress process)", "theirs": sec["rss_note"]}
+    labels_shown = {"fp32": "fp32 original", "ours": "ModelPress", "ours_u8": U8_LABEL, "theirs": sec["theirs"]}
+    rss_note = {"fp32": "", "ours": " (compress process)", "ours_u8": " (compress process)", "theirs": sec["rss_note"]}
+    others = [k for k in rows if k != "fp32"]
     for key, row in rows.items():
         if "error" in row and "size" not in row:
             word = "refused" if row.get("refused") else "failed"
@@ -720,19 +727,19 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
         parts.append(f"size ÷ fp32 size: ModelPress {ratio(o['size'], f['size'])}, {them} {ratio(t['size'], f['size'])}")
     slower = [
         labels_shown[k]
-        for k in ("ours", "theirs")
+        for k in others
         if rows[k].get("p50") and f.get("p50") and rows[k]["p50"] > f["p50"] * SLOWER and rows[k]["p50"] - f["p50"] > SLOWER_MIN_MS
     ]
     line = "Ratios: " + "; ".join(parts) + "."
     if slower:
         line += " **Slower than fp32:** " + ", ".join(slower) + "."
-    unchanged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("count") is not None and sec["nothing"](rows[k]["count"])]
+    unchanged = [labels_shown[k] for k in others if rows[k].get("count") is not None and sec["nothing"](rows[k]["count"])]
     if unchanged:
         line += f" {sec['nothing_words']}: " + ", ".join(unchanged) + "."
-    broken = [labels_shown[k] for k in ("ours", "theirs") if "size" in rows[k] and ("error" in rows[k] or rows[k].get("checker", "pass") != "pass")]
+    broken = [labels_shown[k] for k in others if "size" in rows[k] and ("error" in rows[k] or rows[k].get("checker", "pass") != "pass")]
     if broken:
         line += " **Wrote a model that onnxruntime or the checker rejects:** " + ", ".join(broken) + "."
-    diverged = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("cosine") is not None and not rows[k]["cosine"] >= DIVERGED]
+    diverged = [labels_shown[k] for k in others if rows[k].get("cosine") is not None and not rows[k]["cosine"] >= DIVERGED]
     if diverged:
         line += f" **Output diverges from fp32 (cosine below {DIVERGED}):** " + ", ".join(diverged) + "."
     if f.get("ref_max_abs") is not None and f["ref_max_abs"] < NEAR_ZERO:
@@ -741,7 +748,7 @@ def table(name: str, rel: str, desc: str, rows: dict, labels, sec: dict) -> list
             f"{f['ref_max_abs']:.1e}), so cosine and top-1 agreement here compare near-zero values: "
             "they say little about the model on real data."
         )
-    refused = [labels_shown[k] for k in ("ours", "theirs") if rows[k].get("refused")]
+    refused = [labels_shown[k] for k in others if rows[k].get("refused")]
     if refused:
         line += " Refused the model with a reason: " + ", ".join(refused) + "."
     walls = []
@@ -883,7 +890,13 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "QuantizeLinear, DequantizeLinear and QLinear* nodes. The PaddleOCR exports hold their weights in "
             "`Constant` nodes: ORT's tool then quantizes those weights as if they were activations (a "
             "QuantizeLinear on the float constant at run time, uint8 with a calibrated range), so the float "
-            "weights stay in its file; ModelPress stores them as int8 initializers. ModelPress quantizes only "
+            "weights stay in its file; ModelPress stores them as int8 initializers (with `symmetric_weights` "
+            "unset it picks uint8 with a zero point only for a weight whose range is so skewed that this halves "
+            "its rounding error). So each table has a third row, **" + U8_LABEL + "**: the same recipe with "
+            "every weight uint8 with a zero point, per tensor, the format ORT's tool gives `Constant`-node "
+            "weights; both tools calibrate on the graph as written (ORT's calibrator disables ONNX Runtime's "
+            "graph optimizations, and so does ModelPress's), so on those models this row and ORT's compute the "
+            "same quantized model, up to where the weights are stored. ModelPress quantizes only "
             "nodes with a constant weight (its report notes the rest as skipped); ORT also quantizes a MatMul of "
             "two activations (the attention MatMuls of PP-OCRv4 rec). After the tables, one "
             "more measures whether calibration memory grows with the number of samples. A tool that fails "
@@ -942,8 +955,14 @@ def main() -> None:
         build_error = "cargo build failed: " + short(errs[0] if errs else b.stderr)
     mdir = models_dir()
 
+    # Development filters (comma-separated substrings); `make bench` sets neither and runs everything.
+    only_kinds = [k for k in os.environ.get("MP_BENCH_KINDS", "").split(",") if k]
+    only_models = [m for m in os.environ.get("MP_BENCH_MODELS", "").split(",") if m]
+    sections = [s for s in SECTIONS if not only_kinds or s["kind"] in only_kinds]
+    models = [m for m in MODELS if not only_models or any(w in m[0] for w in only_models)]
+
     out = {}
-    for sec in SECTIONS:
+    for sec in sections:
         kind = sec["kind"]
         _, base_out, base_err, _ = run_measured([sys.executable, str(Path(__file__).resolve()), "child-baseline", kind])
         try:
@@ -958,15 +977,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mp-quant-bench-") as tmp:
         tmp = Path(tmp)
         for i, (name, rel, shape, values) in enumerate(MODELS):
+            if (name, rel, shape, values) not in models:
+                continue
             path = ROOT / rel if in_repo(rel) else mdir / rel
             shown = rel if in_repo(rel) else f"$MODELPRESS_MODELS_DIR/{rel}"
             if not path.exists():
-                for sec in SECTIONS:
+                for sec in sections:
                     hint = "its fixture script under scripts/" if in_repo(rel) else "scripts/fetch-models.sh"
                     out[sec["kind"]] += [f"### {name}", "", f"`{shown}`: failed: model not found ({hint})", ""]
                 continue
             feeds, labels, latency_feed, desc = inputs_for(path, shape, values)
-            for sec in SECTIONS:
+            for sec in sections:
                 kind = sec["kind"]
                 log(f"{name}: {kind}")
                 rows = {"fp32": {"path": path}}
@@ -975,6 +996,7 @@ def main() -> None:
                     cal = static_calibration(i, path, shape, tmp, env, values=values) if not build_error else {"error": build_error}
                     shown_desc += "; " + calibration_words(cal, shape, values)
                     rows["ours"] = {"error": build_error} if build_error else ours(path, sec["recipe"], tmp / f"ours-{kind}-{i}", env, cal["extra"])
+                    rows["ours_u8"] = {"error": build_error} if build_error else ours(path, STATIC_RECIPE_U8, tmp / f"ours-{kind}-u8-{i}", env, cal["extra"])
                     rows["theirs"] = theirs_static(path, tmp / f"theirs-{kind}-{i}.onnx", cal, rows["ours"])
                 else:
                     # Passes of a few milliseconds: one cold run is mostly noise, so both tools run
@@ -985,12 +1007,13 @@ def main() -> None:
                 evaluate(rows, feeds, labels, latency_feed, sec["count"])
                 out[kind] += table(name, shown, shown_desc, rows, labels, sec)
             del feeds
-            if name == RSS_MODEL and not build_error:
+            if name == RSS_MODEL and not build_error and "static" in out:
                 rss_lines = rss_table(path, shape, tmp, env, base_static)
-        if rss_lines is None:
+        if rss_lines is None and "static" in out:
             rss_lines = [f"### Calibration memory: {RSS_MODEL}", "", "failed: " + (build_error or "model not found (scripts/fetch-models.sh)"), ""]
-        out["static"] += rss_lines
-    print("\n".join(line for sec in SECTIONS for line in out[sec["kind"]]))
+        if "static" in out:
+            out["static"] += rss_lines
+    print("\n".join(line for sec in sections for line in out[sec["kind"]]))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
 
 

@@ -413,10 +413,14 @@ fn compress(
             Err(e) => return fail("invalid_recipe", e, false),
         }
     };
-    // A measured run needs ONNX Runtime from the start; say so before any work if it cannot load.
-    // A transform-only run loads it only if one of its passes runs a model.
+    // A measured run, or a recipe with a calibrating pass, needs ONNX Runtime: load it before any
+    // work, so a missing library fails fast and no pass's timing includes mapping it. Other
+    // transform-only runs never load it.
     let runtime = LazyRuntime::new(&config.onnxruntime.dylib_path);
-    if !no_eval && let Err(e) = runtime.get() {
+    let calibrates = recipe.0.iter().any(|p| p.build().calibrates());
+    if (!no_eval || calibrates)
+        && let Err(e) = runtime.get()
+    {
         return fail("runtime_unavailable", e.to_string(), false);
     }
     let mut progress = |stage: &str, percent: f32| {

@@ -822,3 +822,64 @@ fn reduce_range_bounds_int8_weights_and_defaults_by_cpu() {
         assert_eq!(largest[2], auto, "{pass}: reduce_range unset");
     }
 }
+
+/// The element type of the quantized weight each DequantizeLinear reads, by the weight's name.
+fn weight_types(path: &Path) -> std::collections::HashMap<String, i32> {
+    let graph = modelpress::onnx::load(path).unwrap().graph.unwrap();
+    graph
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "DequantizeLinear")
+        .filter_map(|n| {
+            let t = graph.initializer.iter().find(|t| t.name() == n.input[0])?;
+            Some((n.input[0].trim_end_matches("_quantized").to_string(), t.data_type()))
+        })
+        .collect()
+}
+
+/// `symmetric_weights` unset stores a weight as uint8 with a zero point only where its range is
+/// skewed enough to halve the rounding error (uint8 × uint8 kernels are slower); `true` and `false`
+/// force one type for all, and the notes say what was chosen.
+#[test]
+fn static_int8_picks_uint8_weights_only_for_skewed_ranges_unless_told() {
+    // x[batch, 8] → MatMul(all-positive weight) → MatMul(weight symmetric around 0) → y[batch, 3]
+    let skewed: Vec<f32> = (0..32).map(|i| 0.05 + (i * 7 % 32) as f32 / 32.0).collect();
+    let centred: Vec<f32> = (0..12).map(|i| ((i * 5 % 12) as f32 / 5.5) - 1.0).collect();
+    let model = GraphBuilder::new("skew")
+        .input("x", DataType::Float, &[DimSpec::Symbolic("batch"), DimSpec::Fixed(8)])
+        .output("y", DataType::Float, &[DimSpec::Symbolic("batch"), DimSpec::Fixed(3)])
+        .initializer_f32("w_skewed", &[8, 4], skewed)
+        .initializer_f32("w_centred", &[4, 3], centred)
+        .node("MatMul", &["x", "w_skewed"], &["h"], vec![])
+        .node("MatMul", &["h", "w_centred"], &["y"], vec![])
+        .build();
+    let (uint8, int8) = (DataType::Uint8 as i32, DataType::Int8 as i32);
+    for (symmetric, skewed_type, centred_type) in [
+        (None, uint8, int8),
+        (Some(true), int8, int8),
+        (Some(false), uint8, uint8),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut step = json!({"pass": "quantize_int8_static"});
+        if let Some(s) = symmetric {
+            step["symmetric_weights"] = json!(s);
+        }
+        let report = run(&model, json!([step]), dir.path()).unwrap();
+        let result = dir.path().join("out/model.onnx");
+        common::onnx_checker(&result);
+        let types = weight_types(&result);
+        assert_eq!(types.get("w_skewed"), Some(&skewed_type), "{symmetric:?}: {types:?}");
+        assert_eq!(types.get("w_centred"), Some(&centred_type), "{symmetric:?}: {types:?}");
+        let notes = report.passes[0].notes.join("; ");
+        match symmetric {
+            None => assert!(notes.contains("1 of 2 weight tensor(s) stored as uint8"), "{notes}"),
+            Some(false) => assert!(notes.contains("2 weight tensor(s) stored as uint8"), "{notes}"),
+            Some(true) => assert!(!notes.contains("uint8"), "{notes}"),
+        }
+        assert!(
+            report.result.fidelity.cosine_similarity > 0.999,
+            "{symmetric:?}: {:?}",
+            report.result.fidelity
+        );
+    }
+}

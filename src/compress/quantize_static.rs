@@ -18,7 +18,7 @@ use super::weights::{
 };
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::TensorData;
-use crate::eval::session::PreparedInputs;
+use crate::eval::session::{PreparedInputs, widen};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
@@ -49,10 +49,11 @@ pub struct StaticParams {
     /// int8 activations around zero instead of uint8 with a zero point.
     #[serde(default)]
     pub symmetric_activations: bool,
-    /// int8 weights around zero (what ONNX Runtime's fast kernels expect) or uint8 weights with a
-    /// zero point (tighter for skewed weights).
-    #[serde(default = "default_true")]
-    pub symmetric_weights: bool,
+    /// int8 weights around zero (what ONNX Runtime's fastest kernels expect) or uint8 weights with
+    /// a zero point (finer steps for a skewed range). Unset: per tensor, uint8 where that at least
+    /// halves the weight's rounding error, else int8; per channel, int8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_weights: Option<bool>,
     #[serde(default = "default_ops")]
     pub op_types: Vec<String>,
     #[serde(default)]
@@ -67,8 +68,8 @@ pub struct StaticParams {
     #[serde(default = "default_true")]
     pub activation_matmuls: bool,
     /// int8 weights in 7 bits, so ONNX Runtime's AVX2 kernels (uint8 activations × int8 weights)
-    /// cannot saturate; unset: yes on a CPU without VNNI. Only for `symmetric_weights` (uint8
-    /// weights go through kernels that do not saturate).
+    /// cannot saturate; unset: yes on a CPU without VNNI. Only for int8 weights (uint8 weights go
+    /// through kernels that do not saturate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce_range: Option<bool>,
 }
@@ -297,6 +298,7 @@ impl Pass for QuantizeStatic {
         // 4. Weights (int8, symmetric) and biases (int32 at input scale × weight scale).
         let reduce = p.reduce_range.unwrap_or_else(reduce_range_by_default);
         let mut weights = 0u64;
+        let mut uint8_weights = 0usize;
         for t in &targets {
             let node = graph.node[t.node].clone();
             let w = constant(&index, graph, &node.input[1])
@@ -304,8 +306,8 @@ impl Pass for QuantizeStatic {
                 .expect("checked by target()");
             let values = floats(&w);
             let channels = w.dims[t.channel_axis] as usize;
-            let (q, scales, zero_points, weight_type) = if p.symmetric_weights {
-                let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
+            let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
+            let symmetric = || {
                 let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel, qmax);
                 let zeros = vec![0u8; s.len()];
                 (
@@ -314,10 +316,34 @@ impl Pass for QuantizeStatic {
                     zeros,
                     DataType::Int8,
                 )
-            } else {
+            };
+            let asymmetric = || {
                 let (q, s, z) = quantize_weight_asymmetric(&values, &w.dims, t.channel_axis, p.per_channel);
                 (q, s, z, DataType::Uint8)
             };
+            let (q, scales, zero_points, weight_type) = match p.symmetric_weights {
+                Some(true) => symmetric(),
+                Some(false) => asymmetric(),
+                None if p.per_channel => symmetric(),
+                None => {
+                    // uint8 weights run through ONNX Runtime's uint8 × uint8 kernels, up to twice
+                    // as slow as int8's (measured on YOLOv8n), so uint8 must earn its place: only a
+                    // skewed range, judged against full-range int8 whatever `reduce_range` says
+                    // (which would otherwise favour uint8 on every CPU without VNNI).
+                    let asym = asymmetric();
+                    let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, false, 127.0);
+                    let full_range = q.iter().map(|&v| v as u8).collect::<Vec<u8>>();
+                    let sym_error = rounding_error(&values, &full_range, s[0], 0, true);
+                    if rounding_error(&values, &asym.0, asym.1[0], asym.2[0], false) <= 0.5 * sym_error {
+                        asym
+                    } else {
+                        symmetric()
+                    }
+                }
+            };
+            if weight_type == DataType::Uint8 {
+                uint8_weights += 1;
+            }
             weights += values.len() as u64;
             let base = sanitize(&node.input[1]);
             let (wq, ws, wz, wdq) = (
@@ -419,7 +445,18 @@ impl Pass for QuantizeStatic {
                 activation_matmuls.len()
             ));
         }
-        if p.symmetric_weights && !targets.is_empty() {
+        if uint8_weights > 0 {
+            out.notes.push(match p.symmetric_weights {
+                Some(false) => format!("{uint8_weights} weight tensor(s) stored as uint8 with a zero point"),
+                _ => format!(
+                    "{uint8_weights} of {} weight tensor(s) stored as uint8 with a zero point: their range is skewed, \
+                     so it rounds them with half the error of int8 or less (set symmetric_weights to choose one \
+                     type for all)",
+                    targets.len()
+                ),
+            });
+        }
+        if uint8_weights < targets.len() {
             out.notes.push(range_note(reduce, p.reduce_range));
         }
         out.notes.extend(skipped);
@@ -566,6 +603,25 @@ fn quantize_weight_asymmetric(
     (q, scales, zps)
 }
 
+/// Sum of squared differences between `values` and their per-tensor quantized codes decoded
+/// with `scale` and `zero_point` (codes are int8 bytes when `signed`).
+fn rounding_error(values: &[f32], codes: &[u8], scale: f32, zero_point: u8, signed: bool) -> f64 {
+    let zero = if signed {
+        zero_point as i8 as f32
+    } else {
+        zero_point as f32
+    };
+    values
+        .iter()
+        .zip(codes)
+        .map(|(&v, &c)| {
+            let code = if signed { c as i8 as f32 } else { c as f32 };
+            let d = f64::from((code - zero) * scale - v);
+            d * d
+        })
+        .sum()
+}
+
 fn calibrate(
     ctx: &PassContext<'_>,
     graph_inputs: &HashSet<String>,
@@ -578,7 +634,7 @@ fn calibrate(
     std::fs::write(&path, augmented).map_err(|e| format!("writing the calibration model: {e}"))?;
     let mut session = ctx
         .runtime
-        .session(&path, ctx.threads)
+        .unoptimized_session(&path, ctx.threads)
         .map_err(|e| format!("loading the calibration model: {e}"))?;
     let calibration = ctx.calibration.expect("checked by the caller");
     let mut stats: HashMap<String, Stats> = match first {
@@ -611,33 +667,39 @@ fn calibrate(
     for k in 0..samples {
         let tensors = calibration.sample(k)?;
         let prepared = PreparedInputs::new(&tensors).map_err(|e| e.to_string())?;
-        let outputs = prepared.run_and_collect(&mut session).map_err(|e| e.to_string())?;
-        let mut observe = |name: &str, values: &mut dyn Iterator<Item = f32>| {
+        let mut observe = |name: &str, values: &[f32]| {
             if let Some(s) = stats.get_mut(name) {
-                if first.is_none() {
-                    for v in values.filter(|v| v.is_finite()) {
-                        s.min = s.min.min(v);
-                        s.max = s.max.max(v);
+                match first {
+                    None => {
+                        let (lo, hi) = finite_min_max(values);
+                        s.min = s.min.min(lo);
+                        s.max = s.max.max(hi);
                     }
-                } else {
-                    let top = s.min.abs().max(s.max.abs()).max(f32::MIN_POSITIVE);
-                    for v in values.filter(|v| v.is_finite()) {
-                        let bin = ((v.abs() / top) * BINS as f32) as usize;
-                        s.hist[bin.min(BINS - 1)] += 1;
-                    }
+                    Some(_) => add_to_histogram(&mut s.hist, s.min.abs().max(s.max.abs()), values),
                 }
             }
         };
         for t in tensors.iter().filter(|t| graph_inputs.contains(&t.name)) {
             if let TensorData::F32(v) = &t.data {
-                observe(&t.name, &mut v.iter().copied());
+                observe(&t.name, v);
             }
         }
-        for o in outputs {
-            if let Some(v) = o.values {
-                observe(&o.name, &mut v.iter().map(|x| *x as f32));
-            }
-        }
+        // Activations are read where ONNX Runtime left them: copying (or widening) every exposed
+        // tensor of every sample used to cost more than running the model.
+        prepared
+            .run_visit(&mut session, |name, value| {
+                match value.try_extract_tensor::<f32>() {
+                    Ok((_, data)) => observe(name, data),
+                    Err(_) => {
+                        let (_, wide) = widen(value).map_err(|e| e.to_string())?;
+                        if let Some(wide) = wide {
+                            observe(name, &wide.iter().map(|&x| x as f32).collect::<Vec<f32>>());
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
     }
     let _ = std::fs::remove_file(&path);
     for (n, s) in &stats {
@@ -646,6 +708,42 @@ fn calibrate(
         }
     }
     Ok(stats)
+}
+
+/// The smallest and largest finite values (±∞ for none), in independent lanes the compiler turns
+/// into vector min/max: calibration reduces every exposed activation of every sample.
+fn finite_min_max(values: &[f32]) -> (f32, f32) {
+    const LANES: usize = 16;
+    let mut lo = [f32::INFINITY; LANES];
+    let mut hi = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            let v = chunk[j];
+            // false for NaN and ±∞
+            let finite = v.abs() < f32::INFINITY;
+            lo[j] = if finite && v < lo[j] { v } else { lo[j] };
+            hi[j] = if finite && v > hi[j] { v } else { hi[j] };
+        }
+    }
+    let mut lo = lo.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    let mut hi = hi.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for &v in rest.iter().filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    (lo, hi)
+}
+
+/// Counts |x| of the finite `values` into `hist`'s equal bins over [0, `top`].
+fn add_to_histogram(hist: &mut [u64], top: f32, values: &[f32]) {
+    let bins = hist.len();
+    let per_unit = bins as f32 / top.max(f32::MIN_POSITIVE);
+    for v in values.iter().filter(|v| v.is_finite()) {
+        let bin = (v.abs() * per_unit) as usize;
+        hist[bin.min(bins - 1)] += 1;
+    }
 }
 
 /// The range to quantize: min/max, or clipped at the |x| threshold the method picks.
@@ -731,6 +829,37 @@ mod tests {
         // A MatMul weight [2, 2] quantized along axis 1 (columns).
         let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true, 127.0);
         assert_eq!(s, vec![3.0 / 127.0, 0.5 / 127.0]);
+    }
+
+    #[test]
+    fn min_max_skips_non_finite_values_in_every_lane_and_the_tail() {
+        assert_eq!(finite_min_max(&[]), (f32::INFINITY, f32::NEG_INFINITY));
+        for len in [1usize, 15, 16, 17, 33, 100] {
+            let mut v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let want = v
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+            // Non-finite values at the ends (lanes and tail) and in the middle change nothing.
+            v.insert(0, f32::NAN);
+            v.insert(len / 2, f32::INFINITY);
+            v.push(f32::NEG_INFINITY);
+            assert_eq!(finite_min_max(&v), want, "len {len}");
+        }
+        assert_eq!(finite_min_max(&[f32::NAN; 20]), (f32::INFINITY, f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn histogram_counts_magnitudes_and_clamps_the_top() {
+        let mut hist = vec![0u64; 4];
+        add_to_histogram(&mut hist, 2.0, &[0.1, -0.6, 1.2, -2.0, 2.0, f32::NAN, f32::INFINITY]);
+        assert_eq!(hist, vec![1, 1, 1, 2]);
+    }
+
+    #[test]
+    fn rounding_error_decodes_signed_and_unsigned_codes() {
+        // int8 code -2 at scale 0.5 decodes to -1.0; uint8 code 10 with zero point 8 to 1.0.
+        assert_eq!(rounding_error(&[-1.0], &[(-2i8) as u8], 0.5, 0, true), 0.0);
+        assert_eq!(rounding_error(&[1.25], &[10], 0.5, 8, false), 0.0625);
     }
 
     #[test]

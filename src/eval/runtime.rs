@@ -99,6 +99,10 @@ impl LazyRuntime {
     pub fn optimize(&self, input: &Path, output: &Path, level: GraphOptimizationLevel) -> Result<(), RuntimeError> {
         self.get()?.optimize(input, output, level)
     }
+
+    pub fn unoptimized_session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
+        self.get()?.unoptimized_session(model, threads)
+    }
 }
 
 impl From<Runtime> for LazyRuntime {
@@ -171,6 +175,23 @@ impl Runtime {
                 .map_err(|e| RuntimeError::ProviderUnavailable(format!("CUDA: {e}")))?;
         }
         builder.commit_from_file(model).map_err(err)
+    }
+
+    /// A CPU session that runs the graph as written, without ORT's graph optimizations: for
+    /// calibration, whose statistics belong to the model's own tensors (fused kernels round
+    /// differently), as ONNX Runtime's own calibrators do.
+    pub fn unoptimized_session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
+        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
+        Session::builder(&self.env)
+            .map_err(err)?
+            .with_optimization_level(GraphOptimizationLevel::Disable)
+            .map_err(|e| err(e.into()))?
+            .with_intra_threads(threads)
+            .map_err(|e| err(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| err(e.into()))?
+            .commit_from_file(model)
+            .map_err(err)
     }
 
     /// Execution providers this ONNX Runtime build offers (the CPU always).

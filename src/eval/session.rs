@@ -41,6 +41,21 @@ impl PreparedInputs {
         Ok(())
     }
 
+    /// Runs once and hands each output to `visit` as ORT holds it, without copying: for callers
+    /// that only reduce the values (calibration statistics over large activations).
+    pub fn run_visit(
+        &self,
+        session: &mut Session,
+        mut visit: impl FnMut(&str, &DynValue) -> Result<(), String>,
+    ) -> Result<(), RuntimeError> {
+        let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
+        for (name, value) in outputs.iter() {
+            visit(name, &value).map_err(|e| RuntimeError::Run(format!("output {name:?}: {e}")))?;
+        }
+        Ok(())
+    }
+
     pub fn run_and_collect(&self, session: &mut Session) -> Result<Vec<OutputTensor>, RuntimeError> {
         let refs: Vec<(&str, &DynValue)> = self.values.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let outputs = session.run(refs).map_err(|e| RuntimeError::Run(e.to_string()))?;
@@ -100,7 +115,7 @@ pub fn raw_tensor(value: &DynValue) -> Result<Option<RawTensor>, ort::Error> {
     }))
 }
 
-fn widen(value: &DynValue) -> Result<(Vec<i64>, Option<Vec<f64>>), ort::Error> {
+pub(crate) fn widen(value: &DynValue) -> Result<(Vec<i64>, Option<Vec<f64>>), ort::Error> {
     let ValueType::Tensor { ty, shape, .. } = value.dtype() else {
         return Ok((Vec::new(), None));
     };
