@@ -12,8 +12,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::weights::{
-    REDUCED_QMAX, Weight, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes, tensor,
-    weight_of,
+    REDUCED_QMAX, Weight, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes,
+    symmetric_int8, tensor, weight_of,
 };
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
@@ -246,25 +246,9 @@ impl Pass for QuantizeDynamic {
 
 /// Symmetric int8 in [-127, 127]: q = round(w / scale), scale = max|w| / 127 (1 for all-zero).
 /// Symmetric int8 codes in [-qmax, qmax] and their scales.
+/// `w` [K, N] to int8 codes, one scale per column (output channel) or for the whole weight.
 fn quantize(w: &Weight, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
-    let scale_of = |max: f32| if max > 0.0 { max / qmax } else { 1.0 };
-    let scales: Vec<f32> = if per_channel {
-        (0..w.n)
-            .map(|c| scale_of((0..w.k).map(|r| w.values[r * w.n + c].abs()).fold(0.0, f32::max)))
-            .collect()
-    } else {
-        vec![scale_of(w.values.iter().map(|v| v.abs()).fold(0.0, f32::max))]
-    };
-    let q = w
-        .values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let s = if per_channel { scales[i % w.n] } else { scales[0] };
-            (v / s).round().clamp(-qmax, qmax) as i8
-        })
-        .collect();
-    (q, scales)
+    symmetric_int8(&w.values, &[w.k as i64, w.n as i64], 1, per_channel, qmax)
 }
 
 #[cfg(test)]

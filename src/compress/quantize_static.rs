@@ -14,7 +14,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::weights::{
-    REDUCED_QMAX, constant, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes, tensor,
+    REDUCED_QMAX, constant, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes,
+    symmetric_int8, tensor,
 };
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::TensorData;
@@ -308,7 +309,7 @@ impl Pass for QuantizeStatic {
             let channels = w.dims[t.channel_axis] as usize;
             let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
             let symmetric = || {
-                let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, p.per_channel, qmax);
+                let (q, s) = symmetric_int8(&values, &w.dims, t.channel_axis, p.per_channel, qmax);
                 let zeros = vec![0u8; s.len()];
                 (
                     q.iter().map(|&v| v as u8).collect::<Vec<u8>>(),
@@ -331,7 +332,7 @@ impl Pass for QuantizeStatic {
                     // skewed range, judged against full-range int8 whatever `reduce_range` says
                     // (which would otherwise favour uint8 on every CPU without VNNI).
                     let asym = asymmetric();
-                    let (q, s) = quantize_weight(&values, &w.dims, t.channel_axis, false, 127.0);
+                    let (q, s) = symmetric_int8(&values, &w.dims, t.channel_axis, false, 127.0);
                     let full_range = q.iter().map(|&v| v as u8).collect::<Vec<u8>>();
                     let sym_error = rounding_error(&values, &full_range, s[0], 0, true);
                     if rounding_error(&values, &asym.0, asym.1[0], asym.2[0], false) <= 0.5 * sym_error {
@@ -537,34 +538,6 @@ fn floats(t: &TensorProto) -> Vec<f32> {
             .collect(),
         None => t.float_data.clone(),
     }
-}
-
-/// Symmetric int8 weights; per channel along `axis` of `dims` or one scale for the tensor.
-fn quantize_weight(values: &[f32], dims: &[i64], axis: usize, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
-    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    let inner: usize = dims[axis + 1..].iter().product();
-    let channels = dims[axis];
-    let channel_of = |i: usize| (i / inner) % channels;
-    let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
-    let scales: Vec<f32> = if per_channel {
-        let mut maxes = vec![0f32; channels];
-        for (i, v) in values.iter().enumerate() {
-            let c = channel_of(i);
-            maxes[c] = maxes[c].max(v.abs());
-        }
-        maxes.into_iter().map(scale_of).collect()
-    } else {
-        vec![scale_of(values.iter().fold(0f32, |m, v| m.max(v.abs())))]
-    };
-    let q = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let s = if per_channel { scales[channel_of(i)] } else { scales[0] };
-            (v / s).round().clamp(-qmax, qmax) as i8
-        })
-        .collect();
-    (q, scales)
 }
 
 /// Asymmetric uint8 weights: per channel along `axis` (or per tensor) the range [min, max] (always
@@ -823,11 +796,11 @@ mod tests {
     #[test]
     fn per_channel_weights_use_one_scale_per_output_channel() {
         // A Conv weight [2, 1, 1, 2]: channel 0 = [1, -2], channel 1 = [0.5, 0.25].
-        let (q, s) = quantize_weight(&[1.0, -2.0, 0.5, 0.25], &[2, 1, 1, 2], 0, true, 127.0);
+        let (q, s) = symmetric_int8(&[1.0, -2.0, 0.5, 0.25], &[2, 1, 1, 2], 0, true, 127.0);
         assert_eq!(s, vec![2.0 / 127.0, 0.5 / 127.0]);
         assert_eq!(q, vec![64, -127, 127, 64]);
         // A MatMul weight [2, 2] quantized along axis 1 (columns).
-        let (_, s) = quantize_weight(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true, 127.0);
+        let (_, s) = symmetric_int8(&[1.0, 0.5, -3.0, 0.25], &[2, 2], 1, true, 127.0);
         assert_eq!(s, vec![3.0 / 127.0, 0.5 / 127.0]);
     }
 

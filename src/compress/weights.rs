@@ -12,6 +12,35 @@ pub struct Weight {
     pub values: Vec<f32>,
 }
 
+/// Symmetric int8 codes in [-`qmax`, `qmax`] and their scales: one per channel along `axis` of
+/// `dims`, or one for the tensor. Both int8 passes use it, so a weight quantizes the same in each.
+pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let channels = dims[axis];
+    let channel_of = |i: usize| (i / inner) % channels;
+    let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
+    let scales: Vec<f32> = if per_channel {
+        let mut maxes = vec![0f32; channels];
+        for (i, v) in values.iter().enumerate() {
+            let c = channel_of(i);
+            maxes[c] = maxes[c].max(v.abs());
+        }
+        maxes.into_iter().map(scale_of).collect()
+    } else {
+        vec![scale_of(values.iter().fold(0f32, |m, v| m.max(v.abs())))]
+    };
+    let q = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = if per_channel { scales[channel_of(i)] } else { scales[0] };
+            (v / s).round().clamp(-qmax, qmax) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
 /// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
 /// The constant tensor named `name`: an initializer, or the value of the `Constant` node that
 /// produces it.
