@@ -174,14 +174,16 @@ fn pack_columns(
                 // Index of this column within the slices handed in.
                 let col = c0 + j - cols.start;
                 let values = &tile[j * block..j * block + len];
+                let (lo, hi) = range_with_zero(values);
                 let (scale, zp) = if symmetric {
                     // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses
                     // all 16 levels where absmax/7 would waste one (values at the other extreme
                     // saturate at +7, at most one step off). ONNX Runtime's quantizer does the same.
-                    let extreme = values.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                    // Of +a and -a, the first in the block wins.
+                    let top = hi.max(-lo);
+                    let extreme = values.iter().copied().find(|v| v.abs() == top).unwrap_or(0.0);
                     (if extreme != 0.0 { extreme / -8.0 } else { 1.0 }, 8u8)
                 } else {
-                    let (lo, hi) = values.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                     let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
                     (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
                 };
@@ -202,6 +204,31 @@ fn pack_columns(
             }
         }
     }
+}
+
+/// The smallest and largest of `values` and 0 (NaN ignored). Eight independent running min/max
+/// pairs: a single running value makes every element wait for the one before it.
+fn range_with_zero(values: &[f32]) -> (f32, f32) {
+    const LANES: usize = 8;
+    let mut lo = [0f32; LANES];
+    let mut hi = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            lo[j] = lo[j].min(chunk[j]);
+            hi[j] = hi[j].max(chunk[j]);
+        }
+    }
+    let (mut lo, mut hi) = (
+        lo.iter().fold(0f32, |a, &b| a.min(b)),
+        hi.iter().fold(0f32, |a, &b| a.max(b)),
+    );
+    for &v in rest {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    (lo, hi)
 }
 
 /// `x.round()` (halves away from zero) for the small values codes come from. `f32::round` is a
@@ -355,6 +382,35 @@ mod tests {
         };
         let _ = w;
         (code as f32 - zp as f32) * p.scales[col * p.blocks + b]
+    }
+
+    #[test]
+    fn the_range_covers_zero_every_lane_and_the_tail_and_skips_nan() {
+        assert_eq!(range_with_zero(&[]), (0.0, 0.0));
+        assert_eq!(range_with_zero(&[1.0, 2.0]), (0.0, 2.0));
+        for len in [7usize, 8, 9, 31, 32, 33] {
+            let mut v: Vec<f32> = (0..len).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect();
+            let want = v.iter().fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
+            v.insert(len / 2, f32::NAN);
+            assert_eq!(range_with_zero(&v), want, "len {len}");
+        }
+    }
+
+    #[test]
+    fn of_two_opposite_extremes_the_first_sets_the_scale() {
+        for (values, scale) in [
+            ([0.5f32, -1.0, 1.0, 0.0], 1.0 / 8.0),
+            ([0.5, 1.0, -1.0, 0.0], -1.0 / 8.0),
+        ] {
+            let mut block = values.to_vec();
+            block.resize(32, 0.0);
+            let w = Weight {
+                k: 32,
+                n: 1,
+                values: block,
+            };
+            assert_eq!(pack(&w, 32, true).scales, vec![scale], "{values:?}");
+        }
     }
 
     #[test]

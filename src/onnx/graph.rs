@@ -224,33 +224,45 @@ pub fn insert_node(g: &mut GraphProto, node: NodeProto) {
 /// Removes nodes whose outputs nobody needs (not graph outputs, not read by any remaining node),
 /// repeatedly, then initializers nobody reads. Returns (nodes removed, initializers removed).
 pub fn eliminate_dead(g: &mut GraphProto) -> (usize, usize) {
-    let mut removed_nodes = 0;
-    loop {
-        let ix = GraphIndex::new(g);
-        let dead: HashSet<usize> = (0..g.node.len())
-            .filter(|&i| {
-                g.node[i]
-                    .output
-                    .iter()
-                    .all(|o| o.is_empty() || (!ix.graph_outputs.contains(o) && ix.consumers_of(o).is_empty()))
-            })
-            .collect();
-        if dead.is_empty() {
-            break;
-        }
-        removed_nodes += dead.len();
-        let mut i = 0;
-        g.node.retain(|_| {
-            let keep = !dead.contains(&i);
-            i += 1;
-            keep
-        });
-    }
     let ix = GraphIndex::new(g);
+    // Live reads of each value. A node is dead when none of its outputs is read or is a graph
+    // output; removing it takes its reads away, which can kill its producers in turn. One index
+    // and a worklist, instead of re-indexing the graph until nothing changes (each index build
+    // hashes every name: the larger part of a weight-only pass on a model of many small nodes).
+    let mut reads: HashMap<&str, usize> = ix.consumers.iter().map(|(n, c)| (n.as_str(), c.len())).collect();
+    let mut dead = vec![false; g.node.len()];
+    let mut work: Vec<usize> = (0..g.node.len()).rev().collect();
+    while let Some(i) = work.pop() {
+        let node = &g.node[i];
+        let live = |o: &String| {
+            !o.is_empty() && (ix.graph_outputs.contains(o) || reads.get(o.as_str()).is_some_and(|&n| n > 0))
+        };
+        if dead[i] || node.output.iter().any(live) {
+            continue;
+        }
+        dead[i] = true;
+        let subgraph_reads = outer_scope_reads(node);
+        for name in node.input.iter().filter(|n| !n.is_empty()).chain(&subgraph_reads) {
+            if let Some(n) = reads.get_mut(name.as_str()) {
+                *n -= 1;
+                if *n == 0
+                    && let Some(&p) = ix.producer.get(name)
+                {
+                    work.push(p);
+                }
+            }
+        }
+    }
     let before = g.initializer.len();
     g.initializer
-        .retain(|t| !ix.consumers_of(t.name()).is_empty() || ix.graph_outputs.contains(t.name()));
-    (removed_nodes, before - g.initializer.len())
+        .retain(|t| reads.get(t.name()).is_some_and(|&n| n > 0) || ix.graph_outputs.contains(t.name()));
+    let removed_initializers = before - g.initializer.len();
+    let mut i = 0;
+    g.node.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
+    (dead.iter().filter(|&&d| d).count(), removed_initializers)
 }
 
 /// Replaces the initializer named like `tensor` (or adds it).
@@ -331,6 +343,7 @@ pub fn exposing_outputs<S: AsRef<str>>(model: &ModelProto, names: &[S]) -> Vec<u
 mod tests {
     use super::*;
     use crate::onnx::builder::{self, tiny_mlp};
+    use crate::onnx::proto::AttributeProto;
 
     #[test]
     fn the_index_knows_producers_consumers_and_initializers() {
@@ -382,6 +395,66 @@ mod tests {
         assert_eq!(eliminate_dead(g), (1, 1));
         assert_eq!(g.node.len(), 4);
         topological_order(g).unwrap();
+    }
+
+    #[test]
+    fn dead_chains_go_in_one_pass_but_what_a_subgraph_or_the_outputs_read_stays() {
+        let node = |op: &str, inputs: &[&str], outputs: &[&str]| NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let init = |name: &str| TensorProto {
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        // An If whose branch reads "kept" from the enclosing graph.
+        let branch = GraphProto {
+            node: vec![node("Identity", &["kept"], &["z"])],
+            output: vec![ValueInfoProto {
+                name: Some("z".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut iff = node("If", &["x"], &["y"]);
+        iff.attribute.push(AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(branch),
+            ..Default::default()
+        });
+        let mut g = GraphProto {
+            // A dead chain listed before its producers: a → b → c, c read by nothing; b reads
+            // "a_out" twice and the initializer "w", which only the chain reads.
+            node: vec![
+                node("Neg", &["b_out"], &["c_out"]),
+                node("Mul", &["a_out", "a_out", "w"], &["b_out"]),
+                node("Neg", &["x"], &["a_out"]),
+                node("Neg", &["x"], &["kept"]),
+                iff,
+            ],
+            initializer: vec![init("w"), init("to_output")],
+            input: vec![ValueInfoProto {
+                name: Some("x".into()),
+                ..Default::default()
+            }],
+            output: ["y", "to_output"]
+                .iter()
+                .map(|n| ValueInfoProto {
+                    name: Some(n.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(eliminate_dead(&mut g), (3, 1));
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Neg", "If"]);
+        assert_eq!(g.node[0].output[0], "kept");
+        assert_eq!(g.initializer.len(), 1);
+        assert_eq!(g.initializer[0].name(), "to_output");
+        assert_eq!(eliminate_dead(&mut g), (0, 0), "nothing left to remove");
     }
 
     #[test]
