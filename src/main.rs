@@ -417,8 +417,7 @@ fn compress(
     // work, so a missing library fails fast and no pass's timing includes mapping it. Other
     // transform-only runs never load it.
     let runtime = LazyRuntime::new(&config.onnxruntime.dylib_path);
-    let calibrates = recipe.0.iter().any(|p| p.build().calibrates());
-    if (!no_eval || calibrates)
+    if (!no_eval || recipe.calibrates())
         && let Err(e) = runtime.get()
     {
         return fail("runtime_unavailable", e.to_string(), false);

@@ -62,6 +62,12 @@ pub const KNOWN_PASSES: &[&str] = &[
 ];
 
 impl Recipe {
+    /// Whether a pass of the recipe calibrates on data (and so needs a calibration split and
+    /// ONNX Runtime).
+    pub fn calibrates(&self) -> bool {
+        self.0.iter().any(|p| p.build().calibrates())
+    }
+
     /// ORT's extended/all optimizations fuse MatMul/Gemm into `com.microsoft` kernels
     /// (FusedGemm, FusedMatMul) that the quantization passes do not rewrite; quantizing first
     /// and optimizing after keeps every MatMul visible.

@@ -244,8 +244,6 @@ impl Pass for QuantizeDynamic {
     }
 }
 
-/// Symmetric int8 in [-127, 127]: q = round(w / scale), scale = max|w| / 127 (1 for all-zero).
-/// Symmetric int8 codes in [-qmax, qmax] and their scales.
 /// `w` [K, N] to int8 codes, one scale per column (output channel) or for the whole weight.
 fn quantize(w: &Weight, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
     symmetric_int8(&w.values, &[w.k as i64, w.n as i64], 1, per_channel, qmax)

@@ -307,8 +307,7 @@ impl Pass for QuantizeStatic {
                 .expect("checked by target()");
             let values = floats(&w);
             let channels = w.dims[t.channel_axis] as usize;
-            let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
-            let symmetric = || {
+            let symmetric = |qmax: f32| {
                 let (q, s) = symmetric_int8(&values, &w.dims, t.channel_axis, p.per_channel, qmax);
                 let zeros = vec![0u8; s.len()];
                 (
@@ -322,23 +321,27 @@ impl Pass for QuantizeStatic {
                 let (q, s, z) = quantize_weight_asymmetric(&values, &w.dims, t.channel_axis, p.per_channel);
                 (q, s, z, DataType::Uint8)
             };
+            let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
             let (q, scales, zero_points, weight_type) = match p.symmetric_weights {
-                Some(true) => symmetric(),
+                Some(true) => symmetric(qmax),
                 Some(false) => asymmetric(),
-                None if p.per_channel => symmetric(),
+                None if p.per_channel => symmetric(qmax),
                 None => {
                     // uint8 weights run through ONNX Runtime's uint8 × uint8 kernels, up to twice
                     // as slow as int8's (measured on YOLOv8n), so uint8 must earn its place: only a
                     // skewed range, judged against full-range int8 whatever `reduce_range` says
                     // (which would otherwise favour uint8 on every CPU without VNNI).
                     let asym = asymmetric();
-                    let (q, s) = symmetric_int8(&values, &w.dims, t.channel_axis, false, 127.0);
-                    let full_range = q.iter().map(|&v| v as u8).collect::<Vec<u8>>();
-                    let sym_error = rounding_error(&values, &full_range, s[0], 0, true);
-                    if rounding_error(&values, &asym.0, asym.1[0], asym.2[0], false) <= 0.5 * sym_error {
+                    let full = symmetric(127.0);
+                    let error = |(q, s, z, ty): &(Vec<u8>, Vec<f32>, Vec<u8>, DataType)| {
+                        rounding_error(&values, q, s[0], z[0], *ty == DataType::Int8)
+                    };
+                    if error(&asym) <= 0.5 * error(&full) {
                         asym
+                    } else if reduce {
+                        symmetric(qmax)
                     } else {
-                        symmetric()
+                        full
                     }
                 }
             };

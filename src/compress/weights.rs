@@ -41,7 +41,6 @@ pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bo
     (q, scales)
 }
 
-/// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
 /// The constant tensor named `name`: an initializer, or the value of the `Constant` node that
 /// produces it.
 pub fn constant<'g>(index: &GraphIndex, g: &'g GraphProto, name: &str) -> Option<&'g TensorProto> {
@@ -82,6 +81,7 @@ pub fn is_weight_bearing(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -
     }
 }
 
+/// The constant 2-D float weight of a MatMul/Gemm as [K, N], or why the node is skipped.
 pub fn weight_of(node: &NodeProto, index: &GraphIndex, g: &GraphProto) -> Result<Weight, String> {
     let name = node.input.get(1).ok_or("no weight input")?;
     // Initializers, or `Constant` nodes (some exporters keep every weight there).

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 
 /// The ORT release line `ort` 2.0.0-rc.15 (api-31) is built for.
 pub const ORT_SERIES: &str = "1.31";
@@ -82,9 +82,7 @@ impl LazyRuntime {
                 message: message.clone(),
             })
     }
-}
 
-impl LazyRuntime {
     /// Whether anything has loaded (or tried to load) the library yet.
     pub fn is_loaded(&self) -> bool {
         self.loaded.get().is_some()
@@ -100,6 +98,7 @@ impl LazyRuntime {
         self.get()?.optimize(input, output, level)
     }
 
+    /// [`Runtime::unoptimized_session`], loading the runtime first if need be.
     pub fn unoptimized_session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
         self.get()?.unoptimized_session(model, threads)
     }
@@ -162,36 +161,34 @@ impl Runtime {
     /// A session on `provider`. A GPU provider is registered with error-on-failure: when it cannot
     /// be used, this fails instead of silently running on the CPU and reporting CPU numbers as GPU.
     pub fn session_on(&self, model: &Path, threads: usize, provider: Provider) -> Result<Session, RuntimeError> {
-        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
-        let mut builder = Session::builder(&self.env)
-            .map_err(err)?
-            .with_intra_threads(threads)
-            .map_err(|e| err(e.into()))?
-            .with_inter_threads(1)
-            .map_err(|e| err(e.into()))?;
+        let mut builder = self.builder(threads)?;
         if provider == Provider::Cuda {
             builder = builder
                 .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
                 .map_err(|e| RuntimeError::ProviderUnavailable(format!("CUDA: {e}")))?;
         }
-        builder.commit_from_file(model).map_err(err)
+        builder.commit_from_file(model).map_err(load_error)
     }
 
     /// A CPU session that runs the graph as written, without ORT's graph optimizations: for
     /// calibration, whose statistics belong to the model's own tensors (fused kernels round
     /// differently), as ONNX Runtime's own calibrators do.
     pub fn unoptimized_session(&self, model: &Path, threads: usize) -> Result<Session, RuntimeError> {
-        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
-        Session::builder(&self.env)
-            .map_err(err)?
+        self.builder(threads)?
             .with_optimization_level(GraphOptimizationLevel::Disable)
-            .map_err(|e| err(e.into()))?
-            .with_intra_threads(threads)
-            .map_err(|e| err(e.into()))?
-            .with_inter_threads(1)
-            .map_err(|e| err(e.into()))?
+            .map_err(|e| load_error(e.into()))?
             .commit_from_file(model)
-            .map_err(err)
+            .map_err(load_error)
+    }
+
+    /// Every session's settings: fixed intra-op threads, one inter-op thread.
+    fn builder(&self, threads: usize) -> Result<SessionBuilder, RuntimeError> {
+        Session::builder(&self.env)
+            .map_err(load_error)?
+            .with_intra_threads(threads)
+            .map_err(|e| load_error(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| load_error(e.into()))
     }
 
     /// Execution providers this ONNX Runtime build offers (the CPU always).
@@ -206,15 +203,14 @@ impl Runtime {
 
     /// Runs ORT's graph optimizer at `level` over `input` and writes the optimized graph to `output`.
     pub fn optimize(&self, input: &Path, output: &Path, level: GraphOptimizationLevel) -> Result<(), RuntimeError> {
-        let err = |e: ort::Error| RuntimeError::ModelLoad(e.to_string());
         Session::builder(&self.env)
-            .map_err(err)?
+            .map_err(load_error)?
             .with_optimization_level(level)
-            .map_err(|e| err(e.into()))?
+            .map_err(|e| load_error(e.into()))?
             .with_optimized_model_path(output)
-            .map_err(|e| err(e.into()))?
+            .map_err(|e| load_error(e.into()))?
             .commit_from_file(input)
-            .map_err(err)?;
+            .map_err(load_error)?;
         Ok(())
     }
 }
@@ -258,4 +254,8 @@ fn version_of(path: &Path) -> String {
     name.rsplit_once(".so.")
         .map(|(_, v)| v.to_string())
         .unwrap_or_else(|| format!("{ORT_SERIES}.x"))
+}
+
+fn load_error(e: ort::Error) -> RuntimeError {
+    RuntimeError::ModelLoad(e.to_string())
 }

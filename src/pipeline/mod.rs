@@ -88,7 +88,7 @@ pub struct PipelineInput<'a> {
 }
 
 pub fn run(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Report, PipelineError> {
-    let calibrating = input.options.hold_out_calibration || input.recipe.0.iter().any(|p| p.build().calibrates());
+    let calibrating = input.options.hold_out_calibration || input.recipe.calibrates();
     let prepared = Prepared::new(&input, calibrating, &mut *progress)?;
     let result_path = input.out_dir.join(MODEL_ARTIFACT);
     let applied = prepared.apply(input.recipe, &result_path, &mut *progress, (10.0, 50.0))?;
@@ -124,7 +124,7 @@ pub struct Transformed {
 /// pass's time and memory are its own, not those of an evaluation around it). Calibrating passes
 /// still run the model in ONNX Runtime on their samples, as they must.
 pub fn transform(input: PipelineInput<'_>, progress: Progress<'_>) -> Result<Transformed, PipelineError> {
-    let calibrating = input.recipe.0.iter().any(|p| p.build().calibrates());
+    let calibrating = input.recipe.calibrates();
     let prepared = Prepared::prepare(&input, calibrating, false, &mut *progress)?;
     let result_path = input.out_dir.join(MODEL_ARTIFACT);
     let applied = prepared.apply(input.recipe, &result_path, &mut *progress, (10.0, 90.0))?;
