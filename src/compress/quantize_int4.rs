@@ -191,9 +191,9 @@ fn pack_columns(
                 if let Some(z) = zero_points.as_deref_mut() {
                     z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
                 }
-                let zp_f = zp as f32;
+                let (reciprocal, zp_f) = (1.0 / scale, zp as f32);
                 for (code, &v) in q.iter_mut().zip(values) {
-                    *code = (round_half_away(v / scale) + zp_f).clamp(0.0, 15.0) as u8;
+                    *code = code4(v, reciprocal, zp_f);
                 }
                 // The padding of a last, short block decodes to exactly zero.
                 q[len..].fill(zp);
@@ -231,22 +231,25 @@ fn range_with_zero(values: &[f32]) -> (f32, f32) {
     (lo, hi)
 }
 
-/// `x.round()` (halves away from zero) for the small values codes come from. `f32::round` is a
-/// call into libm on baseline x86-64 (no SSE4.1), the larger part of packing a big weight; this is
-/// a truncating conversion and a compare. Exact wherever |x| < 2^31, which the clamp that
-/// follows makes moot beyond ±16.
+/// The 4-bit code of `v`, as ONNX Runtime's blockwise quantizer computes it:
+/// `clamp(round(v * reciprocal + zp), 0, 15)`, halves away from zero. A product by the reciprocal,
+/// not a division, both because that is ORT's formula (the two differ on rare ties) and because a
+/// division per weight was most of packing. Clamped first (the bounds are integers, so the result is
+/// the same), the value is in [0, 15]: adding 2^23 leaves its nearest integer (ties to even) in the
+/// low mantissa bits, and a tie that went down to even is then moved up. Only adds, compares and bit
+/// moves, which the compiler vectorizes; `f32::round` is a libm call on baseline x86-64, and a
+/// float-to-int `as` cast checks each lane for NaN and overflow. A NaN weight gets code 0.
 #[inline]
-fn round_half_away(x: f32) -> f32 {
-    let x = x.clamp(-1e9, 1e9);
-    let t = x as i32 as f32;
-    let d = x - t;
-    if d >= 0.5 {
-        t + 1.0
-    } else if d <= -0.5 {
-        t - 1.0
-    } else {
-        t
-    }
+fn code4(v: f32, reciprocal: f32, zp: f32) -> u8 {
+    const MAGIC: f32 = 8_388_608.0; // 2^23: from here up, f32 has no fraction bits
+    // `max` then `min`, not `clamp`: `max` maps NaN to 0, `clamp` would keep it.
+    #[allow(clippy::manual_clamp)]
+    let y = (v * reciprocal + zp).max(0.0).min(15.0);
+    let shifted = y + MAGIC;
+    let nearest = shifted - MAGIC;
+    // Exact: `y` and `nearest` are within half a unit of each other.
+    let tie_down = y - nearest >= 0.5;
+    (shifted.to_bits() - MAGIC.to_bits()) as u8 + u8::from(tie_down)
 }
 
 fn int(name: &str, value: i64) -> AttributeProto {
@@ -414,18 +417,39 @@ mod tests {
     }
 
     #[test]
-    fn rounding_matches_f32_round() {
-        for i in -40_000..40_000 {
-            let x = i as f32 / 1000.0;
-            assert_eq!(round_half_away(x), x.round(), "{x}");
+    fn codes_round_halves_away_from_zero_and_clamp() {
+        let reference = |v: f32, r: f32, zp: f32| (v * r + zp).round().clamp(0.0, 15.0) as u8;
+        for zp in [0.0, 3.0, 8.0, 15.0] {
+            for i in -40_000..40_000 {
+                let v = i as f32 / 1000.0;
+                for r in [1.0, 0.37, 3.0] {
+                    assert_eq!(code4(v, r, zp), reference(v, r, zp), "{v} * {r} + {zp}");
+                }
+            }
+            let edges = [
+                0.5,
+                -0.5,
+                1.5,
+                -1.5,
+                7.5,
+                -8.5,
+                0.49999997,
+                -0.49999997,
+                14.5,
+                1e9,
+                -1e9,
+                f32::INFINITY,
+            ];
+            for v in edges {
+                assert_eq!(code4(v, 1.0, zp), reference(v, 1.0, zp), "{v} + {zp}");
+            }
         }
-        for x in [0.5, -0.5, 1.5, -1.5, 2.5, 0.49999997, -0.49999997, 8388607.5, 1e9, -1e9] {
-            assert_eq!(round_half_away(x), x.round(), "{x}");
-        }
+        assert_eq!(code4(f32::NAN, 1.0, 8.0), 0);
     }
 
     /// Element by element, straight from the definition: block b of column c holds rows
-    /// b*block.. of that column; code = round(v / scale) + zp, clamped to 0..=15.
+    /// b*block.. of that column; code = round(v * (1 / scale) + zp), clamped to 0..=15 (ONNX
+    /// Runtime's formula).
     #[test]
     fn packing_matches_the_definition_element_by_element() {
         // Small (one thread) and large enough to be split across threads; a short last block, odd N.
@@ -456,7 +480,7 @@ mod tests {
                         let code = (byte >> (4 * (i % 2))) & 0xf;
                         let want = rows
                             .get(i)
-                            .map_or(zp, |v| ((v / scale).round() + zp as f32).clamp(0.0, 15.0) as u8);
+                            .map_or(zp, |v| (v * (1.0 / scale) + zp as f32).round().clamp(0.0, 15.0) as u8);
                         assert_eq!(code, want, "column {col}, block {b}, element {i}");
                     }
                 }
