@@ -54,8 +54,8 @@ CAL_SEED = SEED + 1  # their NumPy seed: not the harness's own evaluation inputs
 RSS_MODEL = "PP-OCR mobile v2.0 cls"  # the model of the calibration-memory table
 RSS_SCALE = 4  # that table's second row: this many times the calibration samples
 STATIC_RECIPE = [{"pass": "quantize_int8_static", "calibration": "minmax", "per_channel": False}]
-# The static section's extra row: every weight uint8 with a zero point, the format ORT's tool gives
-# weights it finds in Constant nodes (it quantizes them as activations).
+# The static section's extra row: every weight with a zero point, the dequantized values ORT's tool
+# gives weights it finds in Constant nodes (uint8; ModelPress stores them as int8, minus 128).
 STATIC_RECIPE_U8 = [{**STATIC_RECIPE[0], "symmetric_weights": False}]
 U8_LABEL = "ModelPress, `symmetric_weights: false`"
 
@@ -891,10 +891,12 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "`Constant` nodes: ORT's tool then quantizes those weights as if they were activations (a "
             "QuantizeLinear on the float constant at run time, uint8 with a calibrated range), so the float "
             "weights stay in its file; ModelPress stores them as int8 initializers (with `symmetric_weights` "
-            "unset it picks uint8 with a zero point only for a weight whose range is so skewed that this halves "
+            "unset it gives a weight a zero point only where its range is so skewed that this halves "
             "its rounding error). So each table has a third row, **" + U8_LABEL + "**: the same recipe with "
-            "every weight uint8 with a zero point, per tensor, the format ORT's tool gives `Constant`-node "
-            "weights; both tools calibrate on the graph as written (ORT's calibrator disables ONNX Runtime's "
+            "every weight given a zero point, per tensor: the same dequantized weights as the uint8 ones ORT's tool "
+            "gives `Constant`-node weights, stored as int8 (uint8's codes and zero point minus 128; uint8 where "
+            "`reduce_range` is on), which ONNX Runtime runs through its uint8×int8 kernels instead of the slower "
+            "uint8×uint8 ones; both tools calibrate on the graph as written (ORT's calibrator disables ONNX Runtime's "
             "graph optimizations, and so does ModelPress's), so where the two quantize the same nodes (PP-OCR cls) "
             "this row and ORT's compute the same outputs; on PP-OCRv4 rec ORT also quantizes differently around "
             "the attention (more Q/DQ nodes), and the two differ slightly. ModelPress quantizes only "

@@ -823,25 +823,42 @@ fn reduce_range_bounds_int8_weights_and_defaults_by_cpu() {
     }
 }
 
-/// The element type of the quantized weight each DequantizeLinear reads, by the weight's name.
-fn weight_types(path: &Path) -> std::collections::HashMap<String, i32> {
+/// The element type of the quantized weight each DequantizeLinear reads and that weight's zero
+/// points (as signed or unsigned by that type), by the weight's name.
+fn weight_types(path: &Path) -> std::collections::HashMap<String, (i32, Vec<i32>)> {
     let graph = modelpress::onnx::load(path).unwrap().graph.unwrap();
+    let init = |name: &str| graph.initializer.iter().find(|t| t.name() == name);
     graph
         .node
         .iter()
         .filter(|n| n.op_type() == "DequantizeLinear")
         .filter_map(|n| {
-            let t = graph.initializer.iter().find(|t| t.name() == n.input[0])?;
-            Some((n.input[0].trim_end_matches("_quantized").to_string(), t.data_type()))
+            let t = init(&n.input[0])?;
+            let signed = t.data_type() == DataType::Int8 as i32;
+            let zero_points = n
+                .input
+                .get(2)
+                .and_then(|z| init(z))
+                .and_then(|z| z.raw_data.clone())
+                .unwrap_or_default()
+                .iter()
+                .map(|&b| if signed { i32::from(b as i8) } else { i32::from(b) })
+                .collect();
+            Some((
+                n.input[0].trim_end_matches("_quantized").to_string(),
+                (t.data_type(), zero_points),
+            ))
         })
         .collect()
 }
 
-/// `symmetric_weights` unset stores a weight as uint8 with a zero point only where its range is
-/// skewed enough to halve the rounding error (uint8 × uint8 kernels are slower); `true` and `false`
-/// force one type for all, and the notes say what was chosen.
+/// `symmetric_weights` unset gives a weight a zero point only where its range is skewed enough to
+/// halve the rounding error (kernels with weight zero points are slower); `true` and `false` choose
+/// for all, and the notes say what was chosen. Weights with a zero point are int8 (the codes and
+/// zero point uint8's minus 128: the same values, faster kernels), or uint8 under `reduce_range`,
+/// where int8 would lose a bit.
 #[test]
-fn static_int8_picks_uint8_weights_only_for_skewed_ranges_unless_told() {
+fn static_int8_gives_zero_points_only_to_skewed_weights_unless_told() {
     // x[batch, 8] → MatMul(all-positive weight) → MatMul(weight symmetric around 0) → y[batch, 3]
     let skewed: Vec<f32> = (0..32).map(|i| 0.05 + (i * 7 % 32) as f32 / 32.0).collect();
     let centred: Vec<f32> = (0..12).map(|i| ((i * 5 % 12) as f32 / 5.5) - 1.0).collect();
@@ -854,32 +871,66 @@ fn static_int8_picks_uint8_weights_only_for_skewed_ranges_unless_told() {
         .node("MatMul", &["h", "w_centred"], &["y"], vec![])
         .build();
     let (uint8, int8) = (DataType::Uint8 as i32, DataType::Int8 as i32);
-    for (symmetric, skewed_type, centred_type) in [
-        (None, uint8, int8),
-        (Some(true), int8, int8),
-        (Some(false), uint8, uint8),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut step = json!({"pass": "quantize_int8_static"});
-        if let Some(s) = symmetric {
-            step["symmetric_weights"] = json!(s);
+    for reduce in [false, true] {
+        // With a zero point: the type, the zero point of the all-positive weight (its range [0, max]
+        // starts at the lowest code), and the words in the notes.
+        let (asym, skewed_zp, words) = if reduce {
+            (uint8, 0, "stored as uint8 with a zero point")
+        } else {
+            (int8, -128, "stored as int8 with a zero point")
+        };
+        for (symmetric, skewed_asym, centred_asym) in [
+            (None, true, false),
+            (Some(true), false, false),
+            (Some(false), true, true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut step = json!({"pass": "quantize_int8_static", "reduce_range": reduce});
+            if let Some(s) = symmetric {
+                step["symmetric_weights"] = json!(s);
+            }
+            let report = run(&model, json!([step]), dir.path()).unwrap();
+            let result = dir.path().join("out/model.onnx");
+            common::onnx_checker(&result);
+            let types = weight_types(&result);
+            let case = format!("reduce_range {reduce}, symmetric_weights {symmetric:?}: {types:?}");
+            let (skewed_type, skewed_zps) = &types["w_skewed"];
+            let (centred_type, centred_zps) = &types["w_centred"];
+            assert_eq!(*skewed_type, if skewed_asym { asym } else { int8 }, "{case}");
+            assert_eq!(*centred_type, if centred_asym { asym } else { int8 }, "{case}");
+            assert_eq!(skewed_zps, &vec![if skewed_asym { skewed_zp } else { 0 }], "{case}");
+            if !centred_asym {
+                assert_eq!(centred_zps, &vec![0], "{case}");
+            }
+            let notes = report.passes[0].notes.join("; ");
+            match symmetric {
+                None => assert!(
+                    notes.contains(&format!("1 of 2 weight tensor(s) {words}")),
+                    "{case}: {notes}"
+                ),
+                Some(false) => assert!(
+                    notes.contains(&format!("2 weight tensor(s) {words}")),
+                    "{case}: {notes}"
+                ),
+                Some(true) => assert!(!notes.contains("with a zero point"), "{case}: {notes}"),
+            }
+            assert!(
+                report.result.fidelity.cosine_similarity > 0.999,
+                "{case}: {:?}",
+                report.result.fidelity
+            );
         }
-        let report = run(&model, json!([step]), dir.path()).unwrap();
-        let result = dir.path().join("out/model.onnx");
-        common::onnx_checker(&result);
-        let types = weight_types(&result);
-        assert_eq!(types.get("w_skewed"), Some(&skewed_type), "{symmetric:?}: {types:?}");
-        assert_eq!(types.get("w_centred"), Some(&centred_type), "{symmetric:?}: {types:?}");
-        let notes = report.passes[0].notes.join("; ");
-        match symmetric {
-            None => assert!(notes.contains("1 of 2 weight tensor(s) stored as uint8"), "{notes}"),
-            Some(false) => assert!(notes.contains("2 weight tensor(s) stored as uint8"), "{notes}"),
-            Some(true) => assert!(!notes.contains("uint8"), "{notes}"),
-        }
-        assert!(
-            report.result.fidelity.cosine_similarity > 0.999,
-            "{symmetric:?}: {:?}",
-            report.result.fidelity
-        );
     }
+    // Per-channel zero points run, but ONNX Runtime cannot fuse them into its integer Conv kernel:
+    // the report says so.
+    let dir = tempfile::tempdir().unwrap();
+    let step = json!({"pass": "quantize_int8_static", "per_channel": true, "symmetric_weights": false});
+    let report = run(&model, json!([step]), dir.path()).unwrap();
+    let warnings = report.warnings.join("; ");
+    assert!(warnings.contains("per-channel weights with zero points"), "{warnings}");
+    assert!(
+        report.result.fidelity.cosine_similarity > 0.999,
+        "{:?}",
+        report.result.fidelity
+    );
 }

@@ -50,9 +50,9 @@ pub struct StaticParams {
     /// int8 activations around zero instead of uint8 with a zero point.
     #[serde(default)]
     pub symmetric_activations: bool,
-    /// int8 weights around zero (what ONNX Runtime's fastest kernels expect) or uint8 weights with
-    /// a zero point (finer steps for a skewed range). Unset: per tensor, uint8 where that at least
-    /// halves the weight's rounding error, else int8; per channel, int8.
+    /// Weights around zero (what ONNX Runtime's fastest kernels expect) or with a zero point (finer
+    /// steps for a skewed range). Unset: per tensor, a zero point where that at least halves the
+    /// weight's rounding error; per channel, none. See [`asymmetric_type`] for the type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_weights: Option<bool>,
     #[serde(default = "default_ops")]
@@ -69,8 +69,8 @@ pub struct StaticParams {
     #[serde(default = "default_true")]
     pub activation_matmuls: bool,
     /// int8 weights in 7 bits, so ONNX Runtime's AVX2 kernels (uint8 activations × int8 weights)
-    /// cannot saturate; unset: yes on a CPU without VNNI. Only for int8 weights (uint8 weights go
-    /// through kernels that do not saturate).
+    /// cannot saturate; unset: yes on a CPU without VNNI. Only for int8 weights (asymmetric weights
+    /// are then uint8, whose kernels do not saturate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reduce_range: Option<bool>,
 }
@@ -299,7 +299,8 @@ impl Pass for QuantizeStatic {
         // 4. Weights (int8, symmetric) and biases (int32 at input scale × weight scale).
         let reduce = p.reduce_range.unwrap_or_else(reduce_range_by_default);
         let mut weights = 0u64;
-        let mut uint8_weights = 0usize;
+        let mut asymmetric_weights = 0usize;
+        let asym_type = asymmetric_type(reduce);
         for t in &targets {
             let node = graph.node[t.node].clone();
             let w = constant(&index, graph, &node.input[1])
@@ -318,36 +319,36 @@ impl Pass for QuantizeStatic {
                 )
             };
             let asymmetric = || {
-                let (q, s, z) = quantize_weight_asymmetric(&values, &w.dims, t.channel_axis, p.per_channel);
-                (q, s, z, DataType::Uint8)
+                let (q, s, z) = quantize_weight_asymmetric(&values, &w.dims, t.channel_axis, p.per_channel, asym_type);
+                (q, s, z, asym_type)
             };
             let qmax = if reduce { REDUCED_QMAX } else { 127.0 };
-            let (q, scales, zero_points, weight_type) = match p.symmetric_weights {
-                Some(true) => symmetric(qmax),
-                Some(false) => asymmetric(),
-                None if p.per_channel => symmetric(qmax),
+            let ((q, scales, zero_points, weight_type), with_zero_point) = match p.symmetric_weights {
+                Some(true) => (symmetric(qmax), false),
+                Some(false) => (asymmetric(), true),
+                None if p.per_channel => (symmetric(qmax), false),
                 None => {
-                    // uint8 weights run through ONNX Runtime's uint8 × uint8 kernels, up to twice
-                    // as slow as int8's (measured on YOLOv8n), so uint8 must earn its place: only a
-                    // skewed range, judged against full-range int8 whatever `reduce_range` says
-                    // (which would otherwise favour uint8 on every CPU without VNNI).
+                    // A zero point costs speed: int8 weights with one leave ONNX Runtime's
+                    // symmetric convolution kernels for im2col and a general GEMM (12-19% slower
+                    // on YOLOv8n and PP-OCRv4 det with every weight so), uint8 weights go through
+                    // its uint8 × uint8 kernels (up to twice as slow). So it must earn its place:
+                    // only a skewed range, judged against full-range int8 whatever `reduce_range`
+                    // says (which would otherwise favour uint8 on every CPU without VNNI).
                     let asym = asymmetric();
                     let full = symmetric(127.0);
                     let error = |(q, s, z, ty): &(Vec<u8>, Vec<f32>, Vec<u8>, DataType)| {
                         rounding_error(&values, q, s[0], z[0], *ty == DataType::Int8)
                     };
                     if error(&asym) <= 0.5 * error(&full) {
-                        asym
+                        (asym, true)
                     } else if reduce {
-                        symmetric(qmax)
+                        (symmetric(qmax), false)
                     } else {
-                        full
+                        (full, false)
                     }
                 }
             };
-            if weight_type == DataType::Uint8 {
-                uint8_weights += 1;
-            }
+            asymmetric_weights += usize::from(with_zero_point);
             weights += values.len() as u64;
             let base = sanitize(&node.input[1]);
             let (wq, ws, wz, wdq) = (
@@ -449,18 +450,29 @@ impl Pass for QuantizeStatic {
                 activation_matmuls.len()
             ));
         }
-        if uint8_weights > 0 {
+        let stored = match asym_type {
+            DataType::Uint8 => "uint8 with a zero point (reduce_range keeps int8 weights to 7 bits)",
+            _ => "int8 with a zero point",
+        };
+        if asymmetric_weights > 0 {
             out.notes.push(match p.symmetric_weights {
-                Some(false) => format!("{uint8_weights} weight tensor(s) stored as uint8 with a zero point"),
+                Some(false) => format!("{asymmetric_weights} weight tensor(s) stored as {stored}"),
                 _ => format!(
-                    "{uint8_weights} of {} weight tensor(s) stored as uint8 with a zero point: their range is skewed, \
-                     so it rounds them with half the error of int8 or less (set symmetric_weights to choose one \
-                     type for all)",
+                    "{asymmetric_weights} of {} weight tensor(s) stored as {stored}: their range is skewed, so a zero \
+                     point rounds them with half the error or less (set symmetric_weights to choose for all)",
                     targets.len()
                 ),
             });
         }
-        if uint8_weights < targets.len() {
+        if p.per_channel && p.symmetric_weights == Some(false) {
+            out.warnings.push(
+                "per-channel weights with zero points: ONNX Runtime's CPU QLinearConv needs one weight zero point \
+                 for all channels, so these Conv nodes run unfused in float (PP-OCR cls: 16.4 ms against 2.5 ms \
+                 with symmetric weights); use per_channel or symmetric_weights:false, not both"
+                    .into(),
+            );
+        }
+        if asymmetric_weights < targets.len() {
             out.notes.push(range_note(reduce, p.reduce_range));
         }
         out.notes.extend(skipped);
@@ -543,13 +555,24 @@ fn floats(t: &TensorProto) -> Vec<f32> {
     }
 }
 
-/// Asymmetric uint8 weights: per channel along `axis` (or per tensor) the range [min, max] (always
-/// containing 0) maps onto 0..=255 with a zero point.
+/// The type of weights with a zero point. int8 where its kernels keep all 8 bits: the same steps as
+/// uint8 (the codes and zero point are uint8's minus 128, so the dequantized weights are identical)
+/// but ONNX Runtime's uint8 × int8 kernels, where uint8 × uint8 ones are up to twice as slow
+/// (YOLOv8n 33.0 → 20.6 ms, PP-OCRv4 rec 30.8 → 23.3 ms). Under `reduce_range` int8 weights get 7
+/// bits, so there uint8, whose kernels do not saturate, keeps the finer steps.
+fn asymmetric_type(reduce_range: bool) -> DataType {
+    if reduce_range { DataType::Uint8 } else { DataType::Int8 }
+}
+
+/// Asymmetric weights: per channel along `axis` (or per tensor) the range [min, max] (always
+/// containing 0) maps onto 256 codes with a zero point, 0..=255 for uint8 and -128..=127 (as bytes)
+/// for int8.
 fn quantize_weight_asymmetric(
     values: &[f32],
     dims: &[i64],
     axis: usize,
     per_channel: bool,
+    ty: DataType,
 ) -> (Vec<u8>, Vec<f32>, Vec<u8>) {
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     let inner: usize = dims[axis + 1..].iter().product();
@@ -568,15 +591,17 @@ fn quantize_weight_asymmetric(
     let zps: Vec<u8> = (0..channels)
         .map(|c| (-lo[c] / scales[c]).round().clamp(0.0, 255.0) as u8)
         .collect();
+    // uint8 code u is int8 code u - 128: as a byte, u with its top bit flipped.
+    let flip = if ty == DataType::Int8 { 0x80 } else { 0 };
     let q = values
         .iter()
         .enumerate()
         .map(|(i, &v)| {
             let c = channel_of(i);
-            ((v / scales[c]).round() + zps[c] as f32).clamp(0.0, 255.0) as u8
+            (((v / scales[c]).round() + zps[c] as f32).clamp(0.0, 255.0) as u8) ^ flip
         })
         .collect();
-    (q, scales, zps)
+    (q, scales, zps.into_iter().map(|z| z ^ flip).collect())
 }
 
 /// Sum of squared differences between `values` and their per-tensor quantized codes decoded
@@ -839,14 +864,19 @@ mod tests {
     }
 
     #[test]
-    fn asymmetric_weights_decode_within_half_a_step() {
+    fn asymmetric_weights_decode_within_half_a_step_and_alike_in_both_types() {
         let values = [0.5f32, 2.0, -0.25, 1.0, 3.0, 0.0];
-        let (q, s, z) = quantize_weight_asymmetric(&values, &[2, 3], 1, true);
+        let (q, s, z) = quantize_weight_asymmetric(&values, &[2, 3], 1, true, DataType::Uint8);
+        let (qi, si, zi) = quantize_weight_asymmetric(&values, &[2, 3], 1, true, DataType::Int8);
         assert_eq!((s.len(), z.len()), (3, 3));
+        assert_eq!(si, s);
         for (i, &v) in values.iter().enumerate() {
             let c = i % 3;
             let back = (q[i] as f32 - z[c] as f32) * s[c];
             assert!((back - v).abs() <= s[c] / 2.0 + 1e-6, "{i}: {back} vs {v}");
+            // int8: the same step, codes and zero point 128 lower, so the same value back.
+            assert_eq!(qi[i] as i8 as i32, q[i] as i32 - 128, "{i}");
+            assert_eq!((qi[i] as i8 as f32 - zi[c] as i8 as f32) * si[c], back, "{i}");
         }
     }
 
