@@ -8,43 +8,15 @@ mod common;
 use std::path::Path;
 
 use common::TestApp;
+use common::pipeline::run;
 use modelpress::compress::Recipe;
 use modelpress::compress::weight_targets::float_values;
-use modelpress::config::Config;
-use modelpress::eval::dataset::EvaluationOptions;
-use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::builder::{self, DimSpec, GraphBuilder, attr_int};
 use modelpress::onnx::proto::ModelProto;
 use modelpress::onnx::proto::tensor_proto::DataType;
-use modelpress::pipeline::{self, PipelineError, PipelineInput};
 use modelpress::report::Report;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-
-fn run(model: &ModelProto, recipe: Value, out: &Path) -> Result<Report, PipelineError> {
-    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
-    let mut config = Config::defaults();
-    config.eval.timed_runs = 3;
-    config.eval.warmup_runs = 1;
-    std::fs::create_dir_all(out).unwrap();
-    let input = out.join("input.onnx");
-    std::fs::write(&input, modelpress::onnx::encode(model)).unwrap();
-    let recipe = Recipe::parse(&recipe).unwrap();
-    let options = EvaluationOptions::defaults(&config.eval);
-    pipeline::run(
-        PipelineInput {
-            runtime: &runtime,
-            model: &input,
-            recipe: &recipe,
-            out_dir: &out.join("out"),
-            eval: &config.eval,
-            job_id: None,
-            options: &options,
-            dataset: None,
-        },
-        &mut |_, _| {},
-    )
-}
 
 fn result(dir: &Path) -> ModelProto {
     modelpress::onnx::load(&dir.join("out/model.onnx")).unwrap()

@@ -7,58 +7,13 @@ mod common;
 
 use std::path::Path;
 
-use modelpress::compress::Recipe;
-use modelpress::config::Config;
-use modelpress::eval::dataset::{EvaluationOptions, Task};
-use modelpress::eval::{LazyRuntime, Runtime};
+use common::pipeline::{run, run_on};
 use modelpress::onnx::ModelProto;
 use modelpress::onnx::builder::{DimSpec, GraphBuilder};
 use modelpress::onnx::proto::tensor_proto::DataType;
-use modelpress::pipeline::{self, PipelineError, PipelineInput};
 use modelpress::report::{Report, TaskMetrics};
 use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
-
-/// The pipeline on `model`; with a dataset, a classification job. `hold_out` sets the calibration
-/// split aside even when no pass calibrates, as calibrating recipes do.
-fn run_on(
-    model: &Path,
-    recipe: Value,
-    out: &Path,
-    dataset: Option<&Path>,
-    hold_out: bool,
-) -> Result<Report, PipelineError> {
-    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
-    let mut config = Config::defaults();
-    config.eval.timed_runs = 3;
-    config.eval.warmup_runs = 1;
-    let recipe = Recipe::parse(&recipe).unwrap();
-    let mut options = EvaluationOptions::defaults(&config.eval);
-    if dataset.is_some() {
-        options.task = Task::Classification;
-    }
-    options.hold_out_calibration = hold_out;
-    pipeline::run(
-        PipelineInput {
-            runtime: &runtime,
-            model,
-            recipe: &recipe,
-            out_dir: &out.join("out"),
-            eval: &config.eval,
-            job_id: None,
-            options: &options,
-            dataset,
-        },
-        &mut |_, _| {},
-    )
-}
-
-fn run(model: &ModelProto, recipe: Value, out: &Path) -> Result<Report, PipelineError> {
-    std::fs::create_dir_all(out).unwrap();
-    let input = out.join("input.onnx");
-    std::fs::write(&input, modelpress::onnx::encode(model)).unwrap();
-    run_on(&input, recipe, out, None, false)
-}
+use serde_json::json;
 
 fn weights(rng: &mut rand::rngs::StdRng, n: usize, fan_in: usize) -> Vec<f32> {
     let scale = (2.0 / fan_in as f32).sqrt();

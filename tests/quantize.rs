@@ -6,41 +6,12 @@ mod common;
 
 use std::path::Path;
 
+use common::pipeline::run;
 use modelpress::compress::Recipe;
-use modelpress::config::Config;
-use modelpress::eval::dataset::EvaluationOptions;
-use modelpress::eval::{LazyRuntime, Runtime};
 use modelpress::onnx::builder::{self, DimSpec, GraphBuilder, attr_int};
 use modelpress::onnx::proto::tensor_proto::DataType;
 use modelpress::onnx::proto::{AttributeProto, ModelProto, NodeProto, attribute_proto::AttributeType};
-use modelpress::pipeline::{self, PipelineError, PipelineInput};
-use modelpress::report::Report;
 use serde_json::json;
-
-fn run(model: &ModelProto, recipe: serde_json::Value, out: &Path) -> Result<Report, PipelineError> {
-    let runtime = LazyRuntime::from(Runtime::init("").expect("ONNX Runtime (run `make setup`)"));
-    let mut config = Config::defaults();
-    config.eval.timed_runs = 3;
-    config.eval.warmup_runs = 1;
-    std::fs::create_dir_all(out).unwrap();
-    let input = out.join("input.onnx");
-    std::fs::write(&input, modelpress::onnx::encode(model)).unwrap();
-    let recipe = Recipe::parse(&recipe).unwrap();
-    let options = EvaluationOptions::defaults(&config.eval);
-    pipeline::run(
-        PipelineInput {
-            runtime: &runtime,
-            model: &input,
-            recipe: &recipe,
-            out_dir: &out.join("out"),
-            eval: &config.eval,
-            job_id: None,
-            options: &options,
-            dataset: None,
-        },
-        &mut |_, _| {},
-    )
-}
 
 /// x[batch, 24] → Gemm(W stored [12, 24], transB=1, bias) → y[batch, 12]
 fn gemm_model() -> ModelProto {

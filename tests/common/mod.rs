@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod moto;
+pub mod pipeline;
 
 use std::path::PathBuf;
 use std::sync::Arc;
