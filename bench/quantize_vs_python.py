@@ -685,7 +685,7 @@ def rss_table(path: Path, shape, tmp: Path, env: dict, base_mib: str) -> list:
         f"### Calibration memory: {RSS_MODEL}, {RSS_SCALE}x the calibration samples",
         "",
         f"The same model, options and harness as its table above, on {CAL_SAMPLES} and {CAL_SAMPLES * RSS_SCALE} "
-        f"seeded uniform samples (NumPy seed {CAL_SEED}), so that ModelPress's job calibrates on "
+        f"seeded samples of its inputs (NumPy seed {CAL_SEED}), so that ModelPress's job calibrates on "
         f"{round(CAL_SAMPLES * 0.2)} and {round(CAL_SAMPLES * RSS_SCALE * 0.2)} of them and ORT's reader yields "
         "exactly those. ModelPress's figure is its `compress --no-eval` process (parse, calibration, "
         "quantization, write); ORT's is the quantize process, with the Python interpreter and its imports "
@@ -903,7 +903,8 @@ def intro(kind: str, base_mib: str, ort_version: str, onnx_version: str) -> str:
             "compress MODEL --no-eval --recipe '[{\"pass\":\"quantize_int8_static\",\"calibration\":\"minmax\","
             "\"per_channel\":false}]' --out DIR --dataset DATA.npz` (plus `--task classification` for the "
             "digits MLP, whose `DATA.npz` is `tests/fixtures/digits/test.npz`; for the real models "
-            f"`DATA.npz` holds {CAL_SAMPLES} seeded uniform [0,1) float32 samples, NumPy seed {CAL_SEED}, under "
+            f"`DATA.npz` holds {CAL_SAMPLES} seeded samples of the model's harness inputs (synthetic text images for "
+            f"the PaddleOCR models, uniform [0,1) float32 for NudeNet), NumPy seed {CAL_SEED}, under "
             "the model's input name, shaped [N, 3, H, W] with the harness's H and W, read along the input's "
             f"dynamic batch axis; for the transformer encoder, {CAL_SAMPLES} seeded int64 token ids in "
             f"[{TOKEN_IDS[0]}, {TOKEN_IDS[1]}) shaped [N, 16] under `input_ids`, read the same way). The job calibrates on its deterministic calibration split (20% of the "
