@@ -9,7 +9,8 @@ Prints a Markdown section for BENCHMARKS.md on stdout; progress goes to stderr.
     ADVISOR_BENCH_QUICK=1 ...                           digits and PP-OCR cls only
 
 Models without labels are judged on output fidelity (cosine similarity against the original's
-outputs) on 40 seeded inputs of the model's real input shape, written as an .npz dataset so the
+outputs) on 40 seeded inputs of the model's real input shape (synthetic text images for the PaddleOCR
+models, as in bench/quantize_vs_python.py; uniform noise for NudeNet), written as an .npz dataset so the
 advisor calibrates on 8 of them and evaluates on the other 32. The digits classifier uses its
 labelled test set and accuracy.
 """
@@ -20,19 +21,21 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quantize_vs_python as q  # noqa: E402  (its models' input generator)
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("MODELPRESS_BIN", ROOT / "target" / "release" / "modelpress"))
 MODELS_DIR = Path(os.environ.get("MODELPRESS_MODELS_DIR", ROOT / ".cache" / "models"))
 SAMPLES = 40
 BUDGET_S = 45
-TOKEN_IDS = (0, 256)
 RAPID = "rapidocr/rapidocr_onnxruntime/models/"
-# name, path, input shape (None: the digits dataset), int64 token range or None
+# name, path, input shape (None: the digits dataset), input values as in quantize_vs_python.MODELS
 MODELS = [
     ("digits MLP", "tests/fixtures/digits/mlp.onnx", None, None),
-    ("PP-OCR mobile v2.0 cls", RAPID + "ch_ppocr_mobile_v2.0_cls_infer.onnx", [3, 48, 192], None),
-    ("transformer encoder", "tests/fixtures/transformer/encoder.onnx", [16], TOKEN_IDS),
-    ("PP-OCRv4 rec", RAPID + "ch_PP-OCRv4_rec_infer.onnx", [3, 48, 320], None),
+    ("PP-OCR mobile v2.0 cls", RAPID + "ch_ppocr_mobile_v2.0_cls_infer.onnx", [3, 48, 192], q.TEXT_LINE),
+    ("transformer encoder", "tests/fixtures/transformer/encoder.onnx", [16], q.TOKEN_IDS),
+    ("PP-OCRv4 rec", RAPID + "ch_PP-OCRv4_rec_infer.onnx", [3, 48, 320], q.TEXT_LINE),
     ("NudeNet 320n (YOLOv8n)", "nudenet/nudenet/320n.onnx", [3, 320, 320], None),
 ]
 SINGLES = [
@@ -51,18 +54,13 @@ def model_path(rel):
     return ROOT / rel if rel.startswith("tests/") else MODELS_DIR / rel
 
 
-def make_dataset(path, model, shape, tokens, out):
+def make_dataset(path, model, shape, values, out):
     """A seeded .npz of SAMPLES inputs of the model's first input (generic task: fidelity only)."""
     import numpy as np
     import onnx
 
     name = onnx.load(str(path), load_external_data=False).graph.input[0].name
-    rng = np.random.default_rng(0)
-    if tokens:
-        x = rng.integers(tokens[0], tokens[1], size=[SAMPLES] + shape, dtype=np.int64)
-    else:
-        x = rng.random([SAMPLES] + shape, dtype=np.float32)
-    np.savez(out, **{name: x})
+    np.savez(out, **{name: q.sample(np.random.default_rng(0), [SAMPLES] + shape, values)})
 
 
 def run_cli(model, out, dataset, task, goal=None, recipe=None, hold_out=False):
@@ -120,7 +118,7 @@ def main():
     rows, single_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, rel, shape, tokens in models:
+        for name, rel, shape, values in models:
             path = model_path(rel)
             if not path.exists():
                 log(f"skipping {name}: {path} is missing (run scripts/fetch-models.sh)")
@@ -129,7 +127,7 @@ def main():
                 dataset, task = ROOT / "tests/fixtures/digits/test.npz", "classification"
             else:
                 dataset, task = tmp / (path.stem + ".npz"), "generic"
-                make_dataset(path, None, shape, tokens, dataset)
+                make_dataset(path, None, shape, values, dataset)
             size = path.stat().st_size
             for gi, (gname, goal) in enumerate(goals(task)):
                 if "max_size_bytes" in goal["constraints"]:
