@@ -346,8 +346,8 @@ pub fn plan(
     }
     // Smallest first puts the conservative candidates last, where a time budget can cut the search
     // before them: when every aggressive candidate misses the accuracy budget, the job would then
-    // end with no result although a safe one existed (PP-OCRv4 rec, 45 s: ten candidates within
-    // 0.001 cosine tried, none kept it; float16 does, at half the size). So the most conservative
+    // end with no result although a safe one existed (PP-OCRv4 rec, 45 s: ten candidates tried,
+    // none within 0.001 cosine; float16 is, at half the size). So the most conservative
     // candidate that still compresses runs second, as the fallback the decision can always weigh.
     if goal.objective == Objective::Smallest {
         let fallback = [
