@@ -5,6 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(["onnx.proto"], ["proto"])?;
     // `bytes` fields (tensor raw_data above all) as `bytes::Bytes`: decoding from a `Bytes` buffer then
     // shares it instead of copying every weight, so a model costs its size in memory once, not twice.
-    prost_build::Config::new().bytes(["."]).compile_fds(descriptors)?;
+    // Derived with `crate::onnx::wire`: prost with block copies for packed float data (see there).
+    prost_build::Config::new()
+        .bytes(["."])
+        .prost_path("crate::onnx::wire")
+        .compile_fds(descriptors)?;
     Ok(())
 }

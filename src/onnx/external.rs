@@ -23,12 +23,13 @@ pub struct ExternalRef {
     pub length: Option<u64>,
 }
 
-fn err(at: &str, t: &TensorProto, what: impl std::fmt::Display) -> OnnxError {
+fn err(at: impl std::fmt::Display, t: &TensorProto, what: impl std::fmt::Display) -> OnnxError {
     OnnxError::Invalid(format!("{at}: tensor {:?}: external data {what}", t.name()))
 }
 
 /// Reads a tensor's `external_data` entries and checks them without touching the filesystem.
-pub fn parse_ref(t: &TensorProto, at: &str) -> Result<ExternalRef> {
+pub fn parse_ref(t: &TensorProto, at: impl std::fmt::Display) -> Result<ExternalRef> {
+    let at = &at;
     let get = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value());
     let location = get("location").ok_or_else(|| err(at, t, "has no location"))?;
     check_location(location).map_err(|why| err(at, t, format!("location {location:?} {why}")))?;

@@ -4,7 +4,13 @@
 //! Shapes come from the model's declared `value_info`/inputs/outputs only; where a pass needs
 //! shapes the model does not declare, it asks ONNX Runtime (`eval`), not an inference engine here.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+// foldhash, not the standard SipHash: indexing a graph hashes every value name, and SipHash was
+// about a third of building an index. foldhash seeds every map with secret random values, so no list
+// of names collides in every run: a model, written once and never shown a hash, cannot be crafted
+// to make the maps quadratic. (It claims no more than that; a job also has a wall-clock limit.)
+use foldhash::{HashMap, HashSet, HashSetExt};
 
 use super::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto};
 use super::{OnnxError, Result};

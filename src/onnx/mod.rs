@@ -11,6 +11,7 @@ pub mod sink;
 pub mod summary;
 pub mod tensor;
 pub mod upgrade;
+pub mod wire;
 
 use std::path::Path;
 
