@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::weights::{Weight, node_of, sanitize, skipped_notes, tensor, weight_of};
+use super::weights::{Weight, node_of, round_nonnegative, sanitize, skipped_notes, tensor, weight_of};
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::onnx::graph::{self, GraphIndex, NameGen};
 use crate::onnx::proto::tensor_proto::DataType;
@@ -235,21 +235,13 @@ fn range_with_zero(values: &[f32]) -> (f32, f32) {
 /// `clamp(round(v * reciprocal + zp), 0, 15)`, halves away from zero. A product by the reciprocal,
 /// not a division, both because that is ORT's formula (the two differ on rare ties) and because a
 /// division per weight was most of packing. Clamped first (the bounds are integers, so the result is
-/// the same), the value is in [0, 15]: adding 2^23 leaves its nearest integer (ties to even) in the
-/// low mantissa bits, and a tie that went down to even is then moved up. Only adds, compares and bit
-/// moves, which the compiler vectorizes; `f32::round` is a libm call on baseline x86-64, and a
-/// float-to-int `as` cast checks each lane for NaN and overflow. A NaN weight gets code 0.
+/// the same), then rounded without a libm call ([`round_nonnegative`]). A NaN weight gets code 0.
 #[inline]
 fn code4(v: f32, reciprocal: f32, zp: f32) -> u8 {
-    const MAGIC: f32 = 8_388_608.0; // 2^23: from here up, f32 has no fraction bits
     // `max` then `min`, not `clamp`: `max` maps NaN to 0, `clamp` would keep it.
     #[allow(clippy::manual_clamp)]
     let y = (v * reciprocal + zp).max(0.0).min(15.0);
-    let shifted = y + MAGIC;
-    let nearest = shifted - MAGIC;
-    // Exact: `y` and `nearest` are within half a unit of each other.
-    let tie_down = y - nearest >= 0.5;
-    (shifted.to_bits() - MAGIC.to_bits()) as u8 + u8::from(tie_down)
+    round_nonnegative(y) as u8
 }
 
 fn int(name: &str, value: i64) -> AttributeProto {

@@ -14,31 +14,87 @@ pub struct Weight {
 
 /// Symmetric int8 codes in [-`qmax`, `qmax`] and their scales: one per channel along `axis` of
 /// `dims`, or one for the tensor. Both int8 passes use it, so a weight quantizes the same in each.
+/// Each code is `round(v / scale)`, halves away from zero (see [`round_nonnegative`]).
 pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bool, qmax: f32) -> (Vec<i8>, Vec<f32>) {
+    debug_assert!(qmax.fract() == 0.0 && (1.0..=127.0).contains(&qmax), "qmax {qmax}");
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    let inner: usize = dims[axis + 1..].iter().product();
-    let channels = dims[axis];
-    let channel_of = |i: usize| (i / inner) % channels;
-    let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
-    let scales: Vec<f32> = if per_channel {
-        let mut maxes = vec![0f32; channels];
-        for (i, v) in values.iter().enumerate() {
-            let c = channel_of(i);
-            maxes[c] = maxes[c].max(v.abs());
-        }
-        maxes.into_iter().map(scale_of).collect()
+    // The weight as [outer, channels, inner]: `inner` values in a row share a channel, and the
+    // channels repeat `outer` times. One channel for the whole tensor when not per channel.
+    let (channels, inner) = if per_channel {
+        (dims[axis], dims[axis + 1..].iter().product())
     } else {
-        vec![scale_of(values.iter().fold(0f32, |m, v| m.max(v.abs())))]
+        (1, values.len())
     };
-    let q = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            let s = if per_channel { scales[channel_of(i)] } else { scales[0] };
-            (v / s).round().clamp(-qmax, qmax) as i8
-        })
-        .collect();
+    let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
+    let mut maxes = vec![0f32; channels];
+    // Rows of `inner`, walked in order (no division or modulo per value): row i is channel
+    // i % channels. With `inner` 1 (a MatMul's [K, N] per output column), a row is one value, so
+    // those go `channels` at a time instead, one per channel.
+    if inner == 1 {
+        for row in values.chunks(channels.max(1)) {
+            for (m, v) in maxes.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+    } else {
+        for (i, row) in values.chunks(inner.max(1)).enumerate() {
+            let m = &mut maxes[i % channels];
+            *m = m.max(abs_max(row));
+        }
+    }
+    let scales: Vec<f32> = maxes.into_iter().map(scale_of).collect();
+    let mut q = Vec::with_capacity(values.len());
+    if inner == 1 {
+        for row in values.chunks(channels.max(1)) {
+            q.extend(row.iter().zip(&scales).map(|(&v, &s)| code8(v / s, qmax)));
+        }
+    } else {
+        for (i, row) in values.chunks(inner.max(1)).enumerate() {
+            let s = scales[i % channels];
+            q.extend(row.iter().map(|&v| code8(v / s, qmax)));
+        }
+    }
     (q, scales)
+}
+
+/// The largest magnitude in `values` (NaN ignored, 0 when empty). Eight independent running
+/// maxima: a single one makes every value wait for the one before it.
+fn abs_max(values: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut m = [0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for j in 0..LANES {
+            m[j] = m[j].max(chunk[j].abs());
+        }
+    }
+    rest.iter()
+        .fold(m.iter().fold(0f32, |a, &b| a.max(b)), |a, v| a.max(v.abs()))
+}
+
+/// `y` rounded (halves away from zero) and clamped to [-`qmax`, `qmax`] (an integer); NaN gives 0.
+#[inline]
+fn code8(y: f32, qmax: f32) -> i8 {
+    // `max` then `min`, not `clamp`: `max` maps NaN to 0, `clamp` would keep it.
+    #[allow(clippy::manual_clamp)]
+    let magnitude = round_nonnegative(y.abs().max(0.0).min(qmax)) as i32;
+    (if y < 0.0 { -magnitude } else { magnitude }) as i8
+}
+
+/// The nearest integer to `a` in [0, 2^22], halves away from zero, without `f32::round`: that is
+/// a libm call per value on baseline x86-64 (a third of an int8 dynamic pass on the transformer
+/// encoder), and a float-to-int `as` cast checks each lane for NaN and overflow. Adding 2^23 leaves
+/// the nearest integer (ties to even) in the low mantissa bits, and a tie that went down to even is
+/// then moved up: only adds, compares and bit moves, which the compiler vectorizes.
+#[inline]
+pub fn round_nonnegative(a: f32) -> u32 {
+    const MAGIC: f32 = 8_388_608.0; // 2^23: from here up, f32 has no fraction bits
+    let shifted = a + MAGIC;
+    let nearest = shifted - MAGIC;
+    // Exact: `a` and `nearest` are within half a unit of each other.
+    let tie_down = a - nearest >= 0.5;
+    (shifted.to_bits() - MAGIC.to_bits()) + u32::from(tie_down)
 }
 
 /// The constant tensor named `name`: an initializer, or the value of the `Constant` node that
@@ -209,5 +265,74 @@ pub fn range_note(reduce: bool, asked: Option<bool>) -> String {
         (false, _) => "int8 weights in the full 8 bits: this CPU has VNNI (reduce_range unset; set it to true if the \
                        model will run on AVX2 CPUs without VNNI)"
             .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_codes_round_halves_away_from_zero_and_clamp() {
+        for qmax in [127.0, 63.0] {
+            let reference = |y: f32| y.round().clamp(-qmax, qmax) as i8;
+            for i in -300_000..300_000 {
+                let y = i as f32 / 1000.0;
+                assert_eq!(code8(y, qmax), reference(y), "{y} (qmax {qmax})");
+            }
+            for y in [
+                0.5,
+                -0.5,
+                62.5,
+                -62.5,
+                126.5,
+                -126.5,
+                0.49999997,
+                -0.49999997,
+                1e9,
+                -1e9,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                -0.0,
+            ] {
+                assert_eq!(code8(y, qmax), reference(y), "{y} (qmax {qmax})");
+            }
+            assert_eq!(code8(f32::NAN, qmax), 0);
+        }
+    }
+
+    /// Against the definition, value by value: the channel of flat index i along `axis` is
+    /// (i / product of the later dims) % dims[axis]; its scale is its largest magnitude / qmax.
+    #[test]
+    fn symmetric_int8_matches_the_definition_on_every_layout() {
+        let cases: [(&[i64], usize); 6] = [
+            (&[5, 7], 1),       // MatMul [K, N], per output column
+            (&[5, 7], 0),       //
+            (&[4, 3, 2, 3], 0), // Conv [M, C, kH, kW], per output channel
+            (&[4, 3, 2, 3], 1), // a middle axis
+            (&[3, 1, 1], 0),    // one value per channel
+            (&[0, 4], 1),       // empty
+        ];
+        for (dims, axis) in cases {
+            let len: i64 = dims.iter().product();
+            let values: Vec<f32> = (0..len).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.13).collect();
+            let inner: usize = dims[axis + 1..].iter().map(|&d| d as usize).product();
+            let channels = dims[axis] as usize;
+            for per_channel in [false, true] {
+                let (q, scales) = symmetric_int8(&values, dims, axis, per_channel, 127.0);
+                let channel = |i: usize| if per_channel { (i / inner) % channels } else { 0 };
+                let mut maxes = vec![0f32; scales.len()];
+                for (i, v) in values.iter().enumerate() {
+                    maxes[channel(i)] = maxes[channel(i)].max(v.abs());
+                }
+                let expected: Vec<f32> = maxes.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 }).collect();
+                assert_eq!(scales, expected, "{dims:?} axis {axis} per_channel {per_channel}");
+                assert_eq!(q.len(), values.len());
+                for (i, (&v, &c)) in values.iter().zip(&q).enumerate() {
+                    let want = (v / scales[channel(i)]).round().clamp(-127.0, 127.0) as i8;
+                    assert_eq!(c, want, "{dims:?} axis {axis} per_channel {per_channel} at {i}");
+                }
+            }
+        }
     }
 }
