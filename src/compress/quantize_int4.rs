@@ -95,11 +95,11 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
     let threads = if w.k * n >= PARALLEL_FROM {
         std::thread::available_parallelism()
             .map_or(1, |t| t.get())
-            .min(n.div_ceil(TILE_COLS))
+            .min(n.div_ceil(16))
     } else {
         1
     };
-    let per = n.div_ceil(threads.max(1)).next_multiple_of(TILE_COLS);
+    let per = n.div_ceil(threads.max(1)).next_multiple_of(16);
     std::thread::scope(|scope| {
         let mut codes = codes.as_mut_slice();
         let mut scales = scales.as_mut_slice();
@@ -137,8 +137,10 @@ fn pack(w: &Weight, block: usize, symmetric: bool) -> Packed {
 
 /// Weights from which packing is spread over threads (below, starting them costs more).
 const PARALLEL_FROM: usize = 1 << 16;
-/// Columns gathered at a time: one block of each is a row of cache lines.
-const TILE_COLS: usize = 16;
+/// Columns packed together. A block runs down a column, but [K, N] is stored by rows, so a block's
+/// scales and codes are computed a row at a time across this many columns (contiguous, so the loops
+/// vectorize), and one block of them (32 rows of 1 KiB for block 32) stays in cache between the two.
+const CHUNK_COLS: usize = 256;
 
 /// Packs columns `cols` of `w`; `codes`, `scales` and `zero_points` are those columns' parts of the
 /// outputs (they start at column `cols.start`).
@@ -154,81 +156,81 @@ fn pack_columns(
     let (k, n) = (w.k, w.n);
     let blocks = k.div_ceil(block);
     let zp_bytes = blocks.div_ceil(2);
-    // A block runs down a column; reading it straight from [K, N] strides N floats per value (a
-    // cache miss each on large weights), and a transposed copy costs as much memory as the weight.
-    // Instead, gather TILE_COLS columns of one block at a time: each row of that tile is one cache
-    // line.
-    let mut tile = vec![0f32; TILE_COLS * block];
-    let mut q = vec![0u8; block];
-    for b in 0..blocks {
-        let rows = (b * block)..((b + 1) * block).min(k);
-        let len = rows.len();
-        for c0 in cols.clone().step_by(TILE_COLS) {
-            let width = TILE_COLS.min(cols.end - c0);
+    let half = block / 2;
+    // Per column of the chunk: the block's range (or largest magnitude and the value that has it),
+    // then its reciprocal scale and zero point.
+    let mut lo = [0f32; CHUNK_COLS];
+    let mut hi = [0f32; CHUNK_COLS];
+    let mut reciprocal = [0f32; CHUNK_COLS];
+    let mut zp_f = [0f32; CHUNK_COLS];
+    let mut zp = [0u8; CHUNK_COLS];
+    // The block's codes, row by row: [block, CHUNK_COLS].
+    let mut q = vec![0u8; block * CHUNK_COLS];
+    for c0 in cols.clone().step_by(CHUNK_COLS) {
+        let width = CHUNK_COLS.min(cols.end - c0);
+        let row = |r: usize| &w.values[r * n + c0..r * n + c0 + width];
+        for b in 0..blocks {
+            let rows = (b * block)..((b + 1) * block).min(k);
+            let (lo, hi) = (&mut lo[..width], &mut hi[..width]);
+            lo.fill(0.0);
+            hi.fill(0.0);
+            if symmetric {
+                // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses all
+                // 16 levels where absmax/7 would waste one (values at the other extreme saturate at
+                // +7, at most one step off). ONNX Runtime's quantizer does the same. Of +a and -a,
+                // the first in the block wins (strictly greater replaces); NaN never does.
+                let (top, extreme) = (hi, lo);
+                for r in rows.clone() {
+                    for ((t, e), &v) in top.iter_mut().zip(extreme.iter_mut()).zip(row(r)) {
+                        let a = v.abs();
+                        let larger = a > *t;
+                        *t = if larger { a } else { *t };
+                        *e = if larger { v } else { *e };
+                    }
+                }
+                for (j, &e) in extreme.iter().enumerate() {
+                    let scale = if e != 0.0 { e / -8.0 } else { 1.0 };
+                    scales[(c0 + j - cols.start) * blocks + b] = scale;
+                    (reciprocal[j], zp_f[j], zp[j]) = (1.0 / scale, 8.0, 8);
+                }
+            } else {
+                // The range always holds 0; NaN is ignored (`min`/`max` keep the other operand).
+                for r in rows.clone() {
+                    for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(row(r)) {
+                        *l = l.min(v);
+                        *h = h.max(v);
+                    }
+                }
+                for j in 0..width {
+                    let scale = if hi[j] > lo[j] { (hi[j] - lo[j]) / 15.0 } else { 1.0 };
+                    let z = (-lo[j] / scale).round().clamp(0.0, 15.0) as u8;
+                    let col = c0 + j - cols.start;
+                    scales[col * blocks + b] = scale;
+                    if let Some(zps) = zero_points.as_deref_mut() {
+                        zps[col * zp_bytes + b / 2] |= z << (4 * (b % 2));
+                    }
+                    (reciprocal[j], zp_f[j], zp[j]) = (1.0 / scale, z as f32, z);
+                }
+            }
             for (i, r) in rows.clone().enumerate() {
-                for (j, &v) in w.values[r * n + c0..r * n + c0 + width].iter().enumerate() {
-                    tile[j * block + i] = v;
+                let codes = &mut q[i * CHUNK_COLS..i * CHUNK_COLS + width];
+                for (((c, &v), &rc), &z) in codes.iter_mut().zip(row(r)).zip(&reciprocal).zip(&zp_f) {
+                    *c = code4(v, rc, z);
                 }
             }
+            // The padding of a last, short block decodes to exactly zero.
+            for i in rows.len()..block {
+                q[i * CHUNK_COLS..i * CHUNK_COLS + width].copy_from_slice(&zp[..width]);
+            }
+            // Down each column, two codes to a byte (low nibble first).
             for j in 0..width {
-                // Index of this column within the slices handed in.
-                let col = c0 + j - cols.start;
-                let values = &tile[j * block..j * block + len];
-                let (lo, hi) = range_with_zero(values);
-                let (scale, zp) = if symmetric {
-                    // The largest-magnitude value maps exactly onto code 0 (-8): a signed scale uses
-                    // all 16 levels where absmax/7 would waste one (values at the other extreme
-                    // saturate at +7, at most one step off). ONNX Runtime's quantizer does the same.
-                    // Of +a and -a, the first in the block wins.
-                    let top = hi.max(-lo);
-                    let extreme = values.iter().copied().find(|v| v.abs() == top).unwrap_or(0.0);
-                    (if extreme != 0.0 { extreme / -8.0 } else { 1.0 }, 8u8)
-                } else {
-                    let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
-                    (scale, (-lo / scale).round().clamp(0.0, 15.0) as u8)
-                };
-                scales[col * blocks + b] = scale;
-                if let Some(z) = zero_points.as_deref_mut() {
-                    z[col * zp_bytes + b / 2] |= zp << (4 * (b % 2));
-                }
-                let (reciprocal, zp_f) = (1.0 / scale, zp as f32);
-                for (code, &v) in q.iter_mut().zip(values) {
-                    *code = code4(v, reciprocal, zp_f);
-                }
-                // The padding of a last, short block decodes to exactly zero.
-                q[len..].fill(zp);
-                let start = (col * blocks + b) * block / 2;
-                for (byte, pair) in codes[start..start + block / 2].iter_mut().zip(q.chunks_exact(2)) {
-                    *byte = pair[0] | (pair[1] << 4);
+                let start = ((c0 + j - cols.start) * blocks + b) * half;
+                for (i, byte) in codes[start..start + half].iter_mut().enumerate() {
+                    *byte = q[2 * i * CHUNK_COLS + j] | (q[(2 * i + 1) * CHUNK_COLS + j] << 4);
                 }
             }
         }
     }
-}
-
-/// The smallest and largest of `values` and 0 (NaN ignored). Eight independent running min/max
-/// pairs: a single running value makes every element wait for the one before it.
-fn range_with_zero(values: &[f32]) -> (f32, f32) {
-    const LANES: usize = 8;
-    let mut lo = [0f32; LANES];
-    let mut hi = [0f32; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for j in 0..LANES {
-            lo[j] = lo[j].min(chunk[j]);
-            hi[j] = hi[j].max(chunk[j]);
-        }
-    }
-    let (mut lo, mut hi) = (
-        lo.iter().fold(0f32, |a, &b| a.min(b)),
-        hi.iter().fold(0f32, |a, &b| a.max(b)),
-    );
-    for &v in rest {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    (lo, hi)
 }
 
 /// The 4-bit code of `v`, as ONNX Runtime's blockwise quantizer computes it:
@@ -380,18 +382,6 @@ mod tests {
     }
 
     #[test]
-    fn the_range_covers_zero_every_lane_and_the_tail_and_skips_nan() {
-        assert_eq!(range_with_zero(&[]), (0.0, 0.0));
-        assert_eq!(range_with_zero(&[1.0, 2.0]), (0.0, 2.0));
-        for len in [7usize, 8, 9, 31, 32, 33] {
-            let mut v: Vec<f32> = (0..len).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25).collect();
-            let want = v.iter().fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
-            v.insert(len / 2, f32::NAN);
-            assert_eq!(range_with_zero(&v), want, "len {len}");
-        }
-    }
-
-    #[test]
     fn of_two_opposite_extremes_the_first_sets_the_scale() {
         for (values, scale) in [
             ([0.5f32, -1.0, 1.0, 0.0], 1.0 / 8.0),
@@ -444,16 +434,19 @@ mod tests {
     /// Runtime's formula).
     #[test]
     fn packing_matches_the_definition_element_by_element() {
-        // Small (one thread) and large enough to be split across threads; a short last block, odd N.
-        for (k, n, block) in [(100, 37, 32), (300, 401, 32)] {
+        // Small (one thread), several column chunks in one thread, large enough to be split across
+        // threads; a short last block, odd N.
+        for (k, n, block) in [(100, 37, 32), (64, 600, 16), (300, 401, 32)] {
             packing_matches_the_definition(k, n, block);
         }
     }
 
     fn packing_matches_the_definition(k: usize, n: usize, block: usize) {
-        let values: Vec<f32> = (0..k * n)
+        let mut values: Vec<f32> = (0..k * n)
             .map(|i| (((i * 7919) % 1013) as f32 - 500.0) / 97.0)
             .collect();
+        // A NaN weight is left out of its block's range and gets code 0.
+        values[n + 3] = f32::NAN;
         let w = Weight { k, n, values };
         for symmetric in [true, false] {
             let p = pack(&w, block, symmetric);
@@ -467,6 +460,24 @@ mod tests {
                         Some(z) => (z[col * p.blocks.div_ceil(2) + b / 2] >> (4 * (b % 2))) & 0xf,
                         None => 8,
                     };
+                    let (lo, hi) = rows.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+                    if symmetric {
+                        let top = hi.max(-lo);
+                        let extreme = rows.iter().copied().find(|v| v.abs() == top).unwrap_or(0.0);
+                        let want = if extreme != 0.0 { extreme / -8.0 } else { 1.0 };
+                        assert_eq!(scale, want, "column {col}, block {b}");
+                    } else {
+                        assert_eq!(
+                            scale,
+                            if hi > lo { (hi - lo) / 15.0 } else { 1.0 },
+                            "column {col}, block {b}"
+                        );
+                        assert_eq!(
+                            zp,
+                            (-lo / scale).round().clamp(0.0, 15.0) as u8,
+                            "column {col}, block {b}"
+                        );
+                    }
                     for i in 0..block {
                         let byte = p.codes[(col * p.blocks + b) * block / 2 + i / 2];
                         let code = (byte >> (4 * (i % 2))) & 0xf;
