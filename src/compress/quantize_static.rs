@@ -14,8 +14,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::weights::{
-    REDUCED_QMAX, constant, int_attr, node_of, range_note, reduce_range_by_default, sanitize, skipped_notes,
-    symmetric_int8, tensor,
+    REDUCED_QMAX, channel_runs, constant, int_attr, node_of, range_note, reduce_range_by_default, sanitize,
+    skipped_notes, symmetric_int8, tensor,
 };
 use super::{Pass, PassContext, PassError, PassOutput};
 use crate::eval::inputs::TensorData;
@@ -575,15 +575,18 @@ fn quantize_weight_asymmetric(
     ty: DataType,
 ) -> (Vec<u8>, Vec<f32>, Vec<u8>) {
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    let inner: usize = dims[axis + 1..].iter().product();
-    let channels = if per_channel { dims[axis] } else { 1 };
-    let channel_of = |i: usize| if per_channel { (i / inner) % dims[axis] } else { 0 };
+    let (channels, inner) = if per_channel {
+        (dims[axis], dims[axis + 1..].iter().product())
+    } else {
+        (1, values.len())
+    };
     let mut lo = vec![0f32; channels];
     let mut hi = vec![0f32; channels];
-    for (i, &v) in values.iter().enumerate() {
-        let c = channel_of(i);
-        lo[c] = lo[c].min(v);
-        hi[c] = hi[c].max(v);
+    for (run, c) in channel_runs(values, channels, inner) {
+        for &v in run {
+            lo[c] = lo[c].min(v);
+            hi[c] = hi[c].max(v);
+        }
     }
     let scales: Vec<f32> = (0..channels)
         .map(|c| if hi[c] > lo[c] { (hi[c] - lo[c]) / 255.0 } else { 1.0 })
@@ -593,14 +596,14 @@ fn quantize_weight_asymmetric(
         .collect();
     // uint8 code u is int8 code u - 128: as a byte, u with its top bit flipped.
     let flip = if ty == DataType::Int8 { 0x80 } else { 0 };
-    let q = values
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let c = channel_of(i);
-            (((v / scales[c]).round() + zps[c] as f32).clamp(0.0, 255.0) as u8) ^ flip
-        })
-        .collect();
+    let mut q = Vec::with_capacity(values.len());
+    for (run, c) in channel_runs(values, channels, inner) {
+        let (scale, zp) = (scales[c], zps[c] as f32);
+        q.extend(
+            run.iter()
+                .map(|&v| (((v / scale).round() + zp).clamp(0.0, 255.0) as u8) ^ flip),
+        );
+    }
     (q, scales, zps.into_iter().map(|z| z ^ flip).collect())
 }
 

@@ -27,9 +27,9 @@ pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bo
     };
     let scale_of = |m: f32| if m > 0.0 { m / qmax } else { 1.0 };
     let mut maxes = vec![0f32; channels];
-    // Rows of `inner`, walked in order (no division or modulo per value): row i is channel
-    // i % channels. With `inner` 1 (a MatMul's [K, N] per output column), a row is one value, so
-    // those go `channels` at a time instead, one per channel.
+    // Runs of `inner` values walked in order ([`channel_runs`]). With `inner` 1 (a MatMul's [K, N]
+    // per output column) a run is one value, so those go `channels` at a time instead, one for each
+    // channel, which vectorizes.
     if inner == 1 {
         for row in values.chunks(channels.max(1)) {
             for (m, v) in maxes.iter_mut().zip(row) {
@@ -37,9 +37,8 @@ pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bo
             }
         }
     } else {
-        for (i, row) in values.chunks(inner.max(1)).enumerate() {
-            let m = &mut maxes[i % channels];
-            *m = m.max(abs_max(row));
+        for (row, c) in channel_runs(values, channels, inner) {
+            maxes[c] = maxes[c].max(abs_max(row));
         }
     }
     let scales: Vec<f32> = maxes.into_iter().map(scale_of).collect();
@@ -49,12 +48,18 @@ pub fn symmetric_int8(values: &[f32], dims: &[i64], axis: usize, per_channel: bo
             q.extend(row.iter().zip(&scales).map(|(&v, &s)| code8(v / s, qmax)));
         }
     } else {
-        for (i, row) in values.chunks(inner.max(1)).enumerate() {
-            let s = scales[i % channels];
+        for (row, c) in channel_runs(values, channels, inner) {
+            let s = scales[c];
             q.extend(row.iter().map(|&v| code8(v / s, qmax)));
         }
     }
     (q, scales)
+}
+
+/// A weight laid out as [outer, channels, inner], in order: its runs of `inner` values, each with
+/// its channel (no division or modulo per value).
+pub fn channel_runs(values: &[f32], channels: usize, inner: usize) -> impl Iterator<Item = (&[f32], usize)> {
+    values.chunks(inner.max(1)).zip((0..channels.max(1)).cycle())
 }
 
 /// The largest magnitude in `values` (NaN ignored, 0 when empty). Eight independent running
