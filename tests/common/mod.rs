@@ -2,6 +2,7 @@
 //! port, against the fresh database `#[sqlx::test]` made for the test.
 #![allow(dead_code)]
 
+pub mod models;
 pub mod moto;
 pub mod pipeline;
 
