@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::models::slow_model;
+use common::models::slow_model_job;
 use common::{TestApp, assert_error};
 use modelpress::eval::Runtime;
 use modelpress::eval::inputs::{InputTensor, TensorData};
@@ -409,7 +409,7 @@ async fn unfinished_unknown_and_oversized_requests_are_refused(pool: PgPool) {
     assert_error(r, 409, "job_not_succeeded").await;
 }
 
-/// A model whose run time the request chooses: `y = tanh(y @ W)` repeated `n` times (a Loop).
+/// The slow model (`y = tanh(y @ W)` repeated `n` times, a Loop): the request chooses its run time.
 #[sqlx::test]
 async fn a_request_past_the_time_limit_is_cut_off_and_the_next_one_works(pool: PgPool) {
     let app = TestApp::spawn_with(pool, true, |c| {
@@ -417,12 +417,7 @@ async fn a_request_past_the_time_limit_is_cut_off_and_the_next_one_works(pool: P
         c.inference.processes = 1;
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let model_id = app.upload_ok(slow_model(dir.path())).await;
-    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
-    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let job = job["id"].as_str().unwrap();
+    let job = &slow_model_job(&app).await;
 
     let quick = infer_json(&app, job, "?compare=true", json!({"inputs": {"n": 3}})).await;
     assert_eq!(quick.status(), 200);

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::models::slow_model;
+use common::models::slow_model_job;
 use common::{TestApp, assert_error};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -63,12 +63,7 @@ async fn a_worker_killed_mid_request_fails_it_with_503_and_a_new_one_serves_the_
         c.inference.processes = 1;
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let model_id = app.upload_ok(slow_model(dir.path())).await;
-    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
-    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let job = job["id"].as_str().unwrap().to_string();
+    let job = slow_model_job(&app).await;
 
     let before = infer(&app, &job, 3).await;
     assert_eq!(before.status(), 200);

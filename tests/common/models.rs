@@ -1,7 +1,9 @@
 //! Small models the tests build with the `onnx` Python package for behaviours no real model shows
 //! on demand.
 
-use super::python;
+use serde_json::json;
+
+use super::{TestApp, python};
 
 /// A model that runs as long as it is asked to: input `n` (int64 scalar) is the trip count of a
 /// Loop of 64x64 MatMul + Tanh steps; output `y` [64, 64]. A few steps answer at once; 10^9 steps
@@ -42,4 +44,14 @@ onnx.save(model, sys.argv[1])
         .unwrap();
     assert!(status.success());
     std::fs::read(path).unwrap()
+}
+
+/// A succeeded job (recipe `optimize`) on [`slow_model`], for inference tests; its id.
+pub async fn slow_model_job(app: &TestApp) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let model_id = app.upload_ok(slow_model(dir.path())).await;
+    let job = app.submit_ok(&model_id, json!([{"pass": "optimize"}])).await;
+    let job = app.wait_for_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    job["id"].as_str().unwrap().to_string()
 }
