@@ -404,6 +404,51 @@ fn the_repair_loop_keeps_the_fragile_layer_in_float() {
 }
 
 #[test]
+fn candidates_at_least_as_lossy_as_one_that_missed_the_accuracy_budget_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = search(
+        &fragile_model(),
+        json!({"objective": "smallest", "constraints": {"max_accuracy_drop": {"metric": "cosine", "absolute": 0.002}}}),
+        dir.path(),
+        3,
+    )
+    .unwrap();
+    let advisor = report.advisor.unwrap();
+    let base = |label: &str| {
+        advisor
+            .candidates
+            .iter()
+            .find(|c| c.label == label && c.repair_of.is_none())
+            .unwrap_or_else(|| panic!("{label} was not measured: {:#?}", advisor.candidates))
+    };
+    // MatMul_3's outlier wipes out the layer at block 32, so block 128 (coarser) is not tried.
+    let block_32 = base("int4 weight-only (block 32)");
+    assert!(block_32.metric.as_ref().unwrap().drop > 0.002, "{block_32:?}");
+    let skipped: Vec<&str> = advisor.skipped.iter().map(|s| s.candidate.as_str()).collect();
+    assert!(skipped.contains(&"int4 weight-only (block 128)"), "{skipped:?}");
+    for s in &advisor.skipped {
+        assert!(s.reason.contains("already missed the accuracy budget"), "{s:?}");
+        assert!(
+            !advisor.candidates.iter().any(|c| c.label == s.candidate),
+            "{} was skipped and measured",
+            s.candidate
+        );
+        // Every skip names a candidate that was measured as planned and missed the budget.
+        let named = advisor
+            .candidates
+            .iter()
+            .filter(|c| c.repair_of.is_none() && s.reason.starts_with(&c.label))
+            .max_by_key(|c| c.label.len())
+            .unwrap_or_else(|| panic!("{s:?} names no measured candidate"));
+        assert!(named.metric.as_ref().unwrap().drop > 0.002, "{named:?}");
+    }
+    // Still a decision: a repair or a conservative candidate.
+    assert!(advisor.decision.is_some());
+    let html = std::fs::read_to_string(dir.path().join("out/report.html")).unwrap();
+    assert!(html.contains("skipped as at least as lossy"), "the HTML report says so");
+}
+
+#[test]
 fn the_budget_stops_the_search_and_keeps_the_best_so_far() {
     let dir = tempfile::tempdir().unwrap();
     // Thousands of timed runs make each candidate take about a second; the budget is one second.

@@ -44,13 +44,20 @@ fn allowed_drop(goal: &Goal, original: f64) -> Option<f64> {
     d.absolute.or(d.relative.map(|r| r * original.abs()))
 }
 
+/// Whether the candidate's metric drops by more than the goal allows.
+pub fn misses_accuracy(goal: &Goal, c: &CandidateRecord) -> bool {
+    c.metric
+        .as_ref()
+        .is_some_and(|m| allowed_drop(goal, m.original).is_some_and(|allowed| m.drop > allowed + 1e-12))
+}
+
 /// Every constraint the candidate misses, in words with the numbers; empty when feasible. A
 /// record without a metric is not judged on accuracy (used to ask "is accuracy all it misses?").
 pub fn violations(goal: &Goal, c: &CandidateRecord) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(m) = &c.metric
+    if misses_accuracy(goal, c)
+        && let Some(m) = &c.metric
         && let Some(allowed) = allowed_drop(goal, m.original)
-        && m.drop > allowed + 1e-12
     {
         out.push(format!(
             "{} drops by {:.4} ({:.4} -> {:.4}); the goal allows {:.4}",

@@ -125,6 +125,10 @@ pub struct AdvisorReport {
     pub stopped_by_budget: bool,
     /// Planned candidates the budget left untried.
     pub not_tried: Vec<String>,
+    /// Planned candidates skipped because one they are at least as lossy as (the same technique,
+    /// coarser or with more on top) had already missed the accuracy budget.
+    #[serde(default)]
+    pub skipped: Vec<preflight::RuledOut>,
     pub elapsed_s: f64,
 }
 
@@ -172,9 +176,27 @@ pub fn run(
 
     let mut measured: Vec<Measured> = Vec::new();
     let mut not_tried = Vec::new();
+    let mut skipped = Vec::new();
     let mut stopped_by_budget = false;
     let task = input.options.task;
     for (i, plan) in plans.iter().enumerate() {
+        // Judged on the candidates as planned, not on their repairs: a repair keeps layers in
+        // float32, which says nothing of a coarser recipe on every layer.
+        let missed = plan.lossier_than.iter().find(|label| {
+            measured.iter().any(|m| {
+                m.record.repair_of.is_none() && m.record.label == **label && decide::misses_accuracy(goal, &m.record)
+            })
+        });
+        if let Some(missed) = missed {
+            skipped.push(preflight::RuledOut {
+                candidate: plan.label.clone(),
+                reason: format!(
+                    "{missed} already missed the accuracy budget, and this candidate is at least as lossy (the same \
+                     technique, coarser or with more on top)"
+                ),
+            });
+            continue;
+        }
         let elapsed = started.elapsed().as_secs_f64();
         let mean = if measured.is_empty() {
             0.0
@@ -276,6 +298,7 @@ pub fn run(
         original_p50_ms,
         stopped_by_budget,
         not_tried,
+        skipped,
         elapsed_s: started.elapsed().as_secs_f64(),
     }));
     write_report(input.out_dir, &report)?;
@@ -503,6 +526,7 @@ fn repair(
     let base_plan = Plan {
         label: measured[base].record.label.clone(),
         recipe: measured[base].record.recipe.clone(),
+        lossier_than: Vec::new(),
     };
     let mut previous = 0;
     for &k in REPAIR_STEPS {
@@ -522,6 +546,7 @@ fn repair(
                 if k == 1 { "" } else { "s" }
             ),
             recipe,
+            lossier_than: Vec::new(),
         };
         let m = try_candidate(prepared, measured.len(), &plan, Some(base), kept, goal, task);
         on_candidate(&m.record);

@@ -53,6 +53,17 @@ impl CpuFeatures {
 pub struct Plan {
     pub label: String,
     pub recipe: Recipe,
+    /// Labels of candidates this one is at least as lossy as: the same technique, coarser or with
+    /// more on top. Once one of them has missed the accuracy budget, this one is skipped untried
+    /// (it would miss it too), leaving the time budget to candidates that can still qualify.
+    pub lossier_than: Vec<String>,
+}
+
+impl Plan {
+    fn lossier(mut self, than: &[&Plan]) -> Plan {
+        self.lossier_than = than.iter().map(|p| p.label.clone()).collect();
+        self
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,25 +131,30 @@ pub fn plan(
     let lossless = Plan {
         label: "graph optimization (lossless)".into(),
         recipe: recipe(json!([{"pass": "optimize", "level": "extended"}])),
+        lossier_than: Vec::new(),
     };
     let dynamic = Plan {
         label: "int8 dynamic (per-channel)".into(),
         recipe: recipe(json!([{"pass": "quantize_int8_dynamic", "per_channel": true}])),
+        lossier_than: Vec::new(),
     };
     let static_minmax = Plan {
         label: "int8 static (per-channel, minmax)".into(),
         recipe: recipe(json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "minmax"}])),
+        lossier_than: Vec::new(),
     };
     // One scale per tensor: the fewest bytes of metadata (CNNs with many small channels).
     let static_per_tensor = Plan {
         label: "int8 static (per-tensor, minmax)".into(),
         recipe: recipe(json!([{"pass": "quantize_int8_static", "per_channel": false, "calibration": "minmax"}])),
+        lossier_than: Vec::new(),
     };
     let static_percentile = Plan {
         label: "int8 static (per-channel, percentile 99.99)".into(),
         recipe: recipe(
             json!([{"pass": "quantize_int8_static", "per_channel": true, "calibration": "percentile", "percentile": 99.99}]),
         ),
+        lossier_than: Vec::new(),
     };
     // accuracy_level 4 computes MatMulNBits in int8 on CPU (faster); 0 stores no attribute
     // (smallest), with float32 compute.
@@ -146,6 +162,7 @@ pub fn plan(
     let int4 = |block: u32| Plan {
         label: format!("int4 weight-only (block {block})"),
         recipe: recipe(json!([{"pass": "quantize_int4_weight_only", "block_size": block, "accuracy_level": level}])),
+        lossier_than: Vec::new(),
     };
     let int4_then_int8 = Plan {
         label: "int4 weight-only (block 32) + int8 dynamic for Gemm".into(),
@@ -153,6 +170,7 @@ pub fn plan(
             {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
             {"pass": "quantize_int8_dynamic", "per_channel": true}
         ])),
+        lossier_than: Vec::new(),
     };
     // The weights quantization leaves in float32 (embeddings, biases, Conv kernels) halved.
     let int4_then_fp16 = Plan {
@@ -161,6 +179,7 @@ pub fn plan(
             {"pass": "quantize_int4_weight_only", "block_size": 32, "accuracy_level": level},
             {"pass": "fp16"}
         ])),
+        lossier_than: Vec::new(),
     };
     let dynamic_then_fp16 = Plan {
         label: "int8 dynamic (per-channel) + float16 for the rest".into(),
@@ -168,6 +187,7 @@ pub fn plan(
             {"pass": "quantize_int8_dynamic", "per_channel": true},
             {"pass": "fp16"}
         ])),
+        lossier_than: Vec::new(),
     };
     // Structured pruning removes work, then reconstruct re-fits what follows to the original.
     let pruned = |ratio: f64, then: Option<Value>, what: &str| {
@@ -179,6 +199,7 @@ pub fn plan(
         Plan {
             label: format!("structured pruning {:.0}% + reconstruct{what}", ratio * 100.0),
             recipe: recipe(Value::Array(steps)),
+            lossier_than: Vec::new(),
         }
     };
     // Low-rank factors of the MatMul/Gemm weights, re-fitted by reconstruct, then `then`.
@@ -191,6 +212,7 @@ pub fn plan(
         Plan {
             label: format!("low-rank ({:.0}% energy) + reconstruct{what}", energy * 100.0),
             recipe: recipe(Value::Array(steps)),
+            lossier_than: Vec::new(),
         }
     };
     let dynamic_step = json!({"pass": "quantize_int8_dynamic", "per_channel": true});
@@ -199,6 +221,7 @@ pub fn plan(
     let fp16 = Plan {
         label: "float16".into(),
         recipe: recipe(json!([{"pass": "fp16"}])),
+        lossier_than: Vec::new(),
     };
 
     let mut dynamic_ok = matmul + gemm > 0;
@@ -292,44 +315,48 @@ pub fn plan(
     };
     match goal.objective {
         Objective::Smallest => {
+            let int4_32 = int4(32);
+            let pruned_int4 = pruned(0.3, Some(int4_step.clone()), " + int4 weight-only").lossier(&[&int4_32]);
             add(int4_ok && fp16_ok, &int4_then_fp16);
             add(int4_ok && gemm > 0, &int4_then_int8);
-            add(int4_ok, &int4(32));
+            add(int4_ok, &int4_32);
+            add(prunable && int4_ok, &pruned_int4);
             add(
                 prunable && int4_ok,
-                &pruned(0.3, Some(int4_step.clone()), " + int4 weight-only"),
+                &pruned(0.5, Some(int4_step.clone()), " + int4 weight-only").lossier(&[&int4_32, &pruned_int4]),
             );
             add(
-                prunable && int4_ok,
-                &pruned(0.5, Some(int4_step.clone()), " + int4 weight-only"),
+                int4_ok,
+                &low_rank(0.9, Some(int4_step.clone()), " + int4 weight-only").lossier(&[&int4_32]),
             );
-            add(int4_ok, &low_rank(0.9, Some(int4_step.clone()), " + int4 weight-only"));
-            add(int4_ok, &int4(128));
+            add(int4_ok, &int4(128).lossier(&[&int4_32]));
             add(static_ok, &static_minmax);
-            add(static_ok, &static_per_tensor);
+            add(static_ok, &static_per_tensor.lossier(&[&static_minmax]));
             add(
                 prunable && static_ok,
-                &pruned(0.3, Some(static_step.clone()), " + int8 static"),
+                &pruned(0.3, Some(static_step.clone()), " + int8 static").lossier(&[&static_minmax]),
             );
             add(dynamic_ok, &dynamic);
-            add(dynamic_ok && fp16_ok, &dynamic_then_fp16);
+            add(dynamic_ok && fp16_ok, &dynamic_then_fp16.lossier(&[&dynamic]));
             add(static_ok, &static_percentile);
             add(fp16_ok, &fp16);
             add(true, &lossless);
         }
         Objective::Fastest => {
+            let pruned_only = pruned(0.3, None, "");
+            let low_rank_only = low_rank(0.9, None, "");
             add(true, &lossless);
             add(static_ok, &static_minmax);
             add(dynamic_ok, &dynamic);
-            add(prunable, &pruned(0.3, None, ""));
+            add(prunable, &pruned_only);
             add(
                 prunable && static_ok,
-                &pruned(0.3, Some(static_step.clone()), " + int8 static"),
+                &pruned(0.3, Some(static_step.clone()), " + int8 static").lossier(&[&pruned_only, &static_minmax]),
             );
-            add(matmul + gemm > 0, &low_rank(0.9, None, ""));
+            add(matmul + gemm > 0, &low_rank_only);
             add(
                 dynamic_ok,
-                &low_rank(0.9, Some(dynamic_step.clone()), " + int8 dynamic"),
+                &low_rank(0.9, Some(dynamic_step.clone()), " + int8 dynamic").lossier(&[&low_rank_only, &dynamic]),
             );
             add(int4_ok, &int4(32));
             add(static_ok, &static_percentile);
@@ -488,5 +515,51 @@ mod tests {
         let plans: Vec<&str> = plans.iter().map(|p| p.label.as_str()).collect();
         assert!(!plans.contains(&"float16"), "{plans:?}");
         assert_eq!(plans[1], "int8 dynamic (per-channel)", "{plans:?}");
+    }
+
+    #[test]
+    fn coarser_and_stacked_candidates_name_the_ones_they_are_lossier_than() {
+        let cpu = CpuFeatures::default();
+        let ops = census(&[("MatMul", 4), ("Gemm", 2), ("Conv", 3)]);
+        for objective in ["smallest", "fastest"] {
+            let (_, plans) = plan(&ops, 100_000, &goal(objective), Provider::Cpu, &cpu);
+            let labels: Vec<&str> = plans.iter().map(|p| p.label.as_str()).collect();
+            for p in &plans {
+                for less_lossy in &p.lossier_than {
+                    // Named by label, and planned earlier: its measurement exists when this one's turn comes.
+                    let at = labels.iter().position(|l| l == less_lossy);
+                    let here = labels.iter().position(|l| *l == p.label).unwrap();
+                    assert!(
+                        at.is_some_and(|at| at < here),
+                        "{objective}: {} after {less_lossy}: {labels:?}",
+                        p.label
+                    );
+                }
+            }
+            let lossier = |label: &str| {
+                plans
+                    .iter()
+                    .find(|p| p.label == label)
+                    .map(|p| p.lossier_than.clone())
+                    .unwrap_or_else(|| panic!("{objective}: {label} not planned: {labels:?}"))
+            };
+            if objective == "smallest" {
+                assert_eq!(lossier("int4 weight-only (block 128)"), ["int4 weight-only (block 32)"]);
+                assert_eq!(
+                    lossier("int8 static (per-tensor, minmax)"),
+                    ["int8 static (per-channel, minmax)"]
+                );
+                assert!(lossier("int4 weight-only (block 32)").is_empty());
+                assert!(lossier("float16").is_empty());
+            } else {
+                assert_eq!(
+                    lossier("structured pruning 30% + reconstruct + int8 static"),
+                    [
+                        "structured pruning 30% + reconstruct",
+                        "int8 static (per-channel, minmax)"
+                    ]
+                );
+            }
+        }
     }
 }

@@ -50,7 +50,7 @@ pub fn section(out: &mut String, a: &AdvisorReport, original_size: u64) {
     out.push_str("<section class=\"advisor\" id=\"advisor\">\n<h2>Advisor</h2>\n");
     let _ = writeln!(
         out,
-        "<p class=\"goal\">Goal: <strong>{}</strong>{}; {} candidate(s) measured in {} s{}.</p>",
+        "<p class=\"goal\">Goal: <strong>{}</strong>{}; {} candidate(s) measured in {} s{}{}.</p>",
         escape(&format!("{:?}", a.goal.objective).to_lowercase()),
         constraints_text(a),
         a.candidates.len(),
@@ -63,6 +63,21 @@ pub fn section(out: &mut String, a: &AdvisorReport, original_size: u64) {
             )
         } else {
             String::new()
+        },
+        if a.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} skipped as at least as lossy as a candidate that missed the accuracy budget ({})",
+                a.skipped.len(),
+                escape(
+                    &a.skipped
+                        .iter()
+                        .map(|s| s.candidate.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            )
         }
     );
     match (&a.decision, &a.nearest_miss) {
