@@ -70,6 +70,7 @@ pub struct StorageConfig {
     pub region: String,
     pub allow_http: bool,
     pub part_size_mb: usize,
+    pub retry_timeout_s: u64,
     /// Credentials are never written back out: a worker serializes its configuration for each
     /// job process, which has no use for them.
     #[serde(default, skip_serializing)]
@@ -282,6 +283,7 @@ impl Config {
             secret_access_key: s.secret_access_key.0.clone(),
             allow_http: s.allow_http,
             part_size: s.part_size_mb << 20,
+            retry_timeout: std::time::Duration::from_secs(s.retry_timeout_s),
         }
     }
 

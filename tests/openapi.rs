@@ -38,6 +38,7 @@ fn every_error_code_the_api_emits_is_documented() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
     for code in [
         "invalid_model",
+        "storage_unavailable",
         "invalid_recipe",
         "invalid_json",
         "invalid_request",

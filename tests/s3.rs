@@ -180,6 +180,7 @@ async fn a_large_file_goes_up_in_parts_and_comes_back_whole_and_by_range() {
         secret_access_key: "testing".into(),
         allow_http: true,
         part_size: MIN_PART_SIZE,
+        retry_timeout: std::time::Duration::from_secs(30),
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -251,7 +252,7 @@ async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(poo
     moto.create_bucket("no-such-bucket").await;
     let ready: Value = app.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["storage"], "ok", "{ready}");
-    // Gone again between the check and the upload: a 500 in the error format, nothing recorded.
+    // Gone again between the check and the upload: a 503 in the error format, nothing recorded.
     let r = app
         .client
         .delete(format!("{}/no-such-bucket", moto.endpoint))
@@ -259,7 +260,11 @@ async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(poo
         .await
         .unwrap();
     assert!(r.status().is_success());
-    assert_error(app.upload(tiny_mlp_bytes(1)).await, 500, "internal").await;
+    let message = assert_error(app.upload(tiny_mlp_bytes(1)).await, 503, "storage_unavailable").await;
+    assert!(
+        !message.contains("no-such-bucket") && !message.contains(&moto.endpoint),
+        "the store's details stay in the server log: {message}"
+    );
     let listed: Value = app.get("/v1/models").await.json().await.unwrap();
     assert_eq!(
         listed["items"],
@@ -268,22 +273,42 @@ async fn a_missing_bucket_makes_the_service_unready_and_uploads_fail_cleanly(poo
     );
 }
 
-#[sqlx::test]
-async fn an_unreachable_store_makes_readiness_fail_within_seconds(pool: PgPool) {
+/// A service whose S3 endpoint is a closed port on this machine.
+async fn unreachable_store(pool: PgPool, retry_timeout_s: u64) -> TestApp {
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let app = TestApp::spawn_with(pool, false, |c| {
+    TestApp::spawn_with(pool, false, |c| {
         c.storage.backend = "s3".into();
         c.storage.endpoint = format!("http://127.0.0.1:{closed}");
         c.storage.bucket = "anything".into();
         c.storage.allow_http = true;
         c.storage.access_key_id = "testing".into();
         c.storage.secret_access_key = modelpress::config::Secret("testing".into());
+        c.storage.retry_timeout_s = retry_timeout_s;
     })
-    .await;
+    .await
+}
+
+#[sqlx::test]
+async fn an_upload_to_an_unreachable_store_gets_503_once_its_retries_end(pool: PgPool) {
+    let app = unreachable_store(pool, 2).await;
+    // Bounded by storage.retry_timeout_s, not object_store's 3-minute default; the outer limit
+    // only keeps a regression from hanging the test run.
+    let response = tokio::time::timeout(std::time::Duration::from_secs(60), app.upload(tiny_mlp_bytes(2)))
+        .await
+        .expect("the upload still retries after a minute");
+    let message = assert_error(response, 503, "storage_unavailable").await;
+    assert!(message.contains("try again later"), "{message}");
+    let listed: Value = app.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(listed["items"], json!([]), "nothing is recorded");
+}
+
+#[sqlx::test]
+async fn an_unreachable_store_makes_readiness_fail_within_seconds(pool: PgPool) {
+    let app = unreachable_store(pool, 30).await;
     let start = std::time::Instant::now();
     let message = assert_error(app.get("/readyz").await, 503, "not_ready").await;
     assert!(message.contains("object store s3://anything unavailable"), "{message}");

@@ -28,6 +28,7 @@ async fn a_96_mib_round_trip_through_s3_stays_far_below_the_file_size_in_memory(
         secret_access_key: "testing".into(),
         allow_http: true,
         part_size: MIN_PART_SIZE,
+        retry_timeout: std::time::Duration::from_secs(30),
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -137,8 +137,19 @@ impl From<sqlx::Error> for ApiError {
 }
 
 impl From<crate::storage::StorageError> for ApiError {
+    /// The object store failing (unreachable, timing out, refusing) is a 503 the client may retry;
+    /// the details (endpoint, bucket) stay in the server's log. Anything else is internal.
     fn from(e: crate::storage::StorageError) -> Self {
-        ApiError::Internal(e.into())
+        match e {
+            crate::storage::StorageError::Remote { .. } => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "the object store failed");
+                ApiError::Unavailable {
+                    code: "storage_unavailable",
+                    message: "the object store did not complete the request; try again later".into(),
+                }
+            }
+            other => ApiError::Internal(other.into()),
+        }
     }
 }
 

@@ -8,7 +8,9 @@ use std::path::Path;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{
+    BackoffConfig, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{ByteStream, ListStream, ObjectInfo, Result, Storage, StorageError, check_key};
@@ -32,6 +34,9 @@ pub struct S3Options {
     /// Allow `http://` endpoints (a store on the local network or loopback).
     pub allow_http: bool,
     pub part_size: usize,
+    /// How long one request may keep retrying (object_store's own default is 3 minutes, which a
+    /// client of the API would see as a hung request before a storage error).
+    pub retry_timeout: std::time::Duration,
 }
 
 pub struct S3Storage {
@@ -57,6 +62,11 @@ impl S3Storage {
         if options.allow_http {
             builder = builder.with_allow_http(true);
         }
+        builder = builder.with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 4,
+            retry_timeout: options.retry_timeout,
+        });
         Ok(S3Storage {
             store: builder.build()?,
             bucket: options.bucket.clone(),
@@ -75,15 +85,21 @@ impl S3Storage {
         if size < self.part_size as u64 {
             let mut buf = Vec::with_capacity(size as usize);
             reader.read_to_end(&mut buf).await.map_err(io(key))?;
-            self.store.put(path, PutPayload::from(buf)).await.map_err(remote(key))?;
+            self.store
+                .put(path, PutPayload::from(buf))
+                .await
+                .map_err(remote_write(key))?;
             return Ok(());
         }
-        let upload = self.store.put_multipart(path).await.map_err(remote(key))?;
+        let upload = self.store.put_multipart(path).await.map_err(remote_write(key))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
         let mut buf = vec![0u8; 1 << 20];
         let copied: Result<()> = async {
             loop {
-                writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(remote(key))?;
+                writer
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(remote_write(key))?;
                 let n = reader.read(&mut buf).await.map_err(io(key))?;
                 if n == 0 {
                     return Ok(());
@@ -93,7 +109,7 @@ impl S3Storage {
         }
         .await;
         match copied {
-            Ok(()) => writer.finish().await.map(drop).map_err(remote(key)),
+            Ok(()) => writer.finish().await.map(drop).map_err(remote_write(key)),
             Err(e) => {
                 // Parts already uploaded cost storage until the upload is aborted.
                 if let Err(abort) = writer.abort().await {
@@ -109,6 +125,14 @@ fn io(key: &str) -> impl Fn(std::io::Error) -> StorageError + '_ {
     move |source| StorageError::Io {
         key: key.to_string(),
         source,
+    }
+}
+
+/// A write has no object to miss: "not found" there means the bucket is gone, a store failure.
+fn remote_write(key: &str) -> impl Fn(object_store::Error) -> StorageError + '_ {
+    move |e| StorageError::Remote {
+        key: key.to_string(),
+        source: Box::new(e),
     }
 }
 
