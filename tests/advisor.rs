@@ -347,16 +347,21 @@ fn search(model: &ModelProto, goal: Value, out: &Path, timed_runs: usize) -> Res
     )
 }
 
+/// The smallest model of the fragile one within 0.002 cosine: quantizing MatMul_3 misses that.
+fn fragile_smallest(dir: &Path, timed_runs: usize) -> Report {
+    search(
+        &fragile_model(),
+        json!({"objective": "smallest", "constraints": {"max_accuracy_drop": {"metric": "cosine", "absolute": 0.002}}}),
+        dir,
+        timed_runs,
+    )
+    .unwrap()
+}
+
 #[test]
 fn the_repair_loop_keeps_the_fragile_layer_in_float() {
     let dir = tempfile::tempdir().unwrap();
-    let report = search(
-        &fragile_model(),
-        json!({"objective": "smallest", "constraints": {"max_accuracy_drop": {"metric": "cosine", "absolute": 0.002}}}),
-        dir.path(),
-        5,
-    )
-    .unwrap();
+    let report = fragile_smallest(dir.path(), 5);
     let advisor = report.advisor.expect("an advisor section");
     // The first quantized candidate misses the fidelity budget because of MatMul_3, and its
     // sensitivity ranking says so.
@@ -406,13 +411,7 @@ fn the_repair_loop_keeps_the_fragile_layer_in_float() {
 #[test]
 fn candidates_at_least_as_lossy_as_one_that_missed_the_accuracy_budget_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let report = search(
-        &fragile_model(),
-        json!({"objective": "smallest", "constraints": {"max_accuracy_drop": {"metric": "cosine", "absolute": 0.002}}}),
-        dir.path(),
-        3,
-    )
-    .unwrap();
+    let report = fragile_smallest(dir.path(), 3);
     let advisor = report.advisor.unwrap();
     let base = |label: &str| {
         advisor
